@@ -1,0 +1,14 @@
+"""The feature cache: the ONLY code that touches Zarr.
+
+Public API (see each module's docstring):
+- schema: ArraySpec, CacheSchema, SCHEMA_VERSION
+- key: checkpoint_digest, data_fingerprint, make_key, default_cache_root
+- writer: create_cache, CacheWriter
+- reader: open_cache, CacheReader, list_caches, remove_cache
+- ragged: Ragged (flat values + [start, length] index; padded batches with masks)
+- verify: verify_cache
+"""
+
+from cache.errors import CacheError
+
+__all__ = ["CacheError"]

@@ -1,0 +1,10 @@
+class CacheError(Exception):
+    """A cache cannot be created, found, read or trusted. The message says how to fix it."""
+
+
+class CacheIncompleteError(CacheError):
+    """The cache exists but is not `complete` (planned or writing)."""
+
+
+class CacheLockedError(CacheError):
+    """Another writer holds the cache and --no-wait was given."""

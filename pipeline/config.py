@@ -1,0 +1,219 @@
+"""Typed, frozen configuration. Precedence: dataclass defaults < YAML file < CLI overrides.
+
+Every config validates itself in ``__post_init__`` so an invalid one cannot exist; the resolved
+config (``to_dict``) is saved next to every output. YAML is parsed with PyYAML (safe loader) and
+mapped onto the dataclasses with dacite in strict mode, so a misspelt key is an error that
+names the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from pipeline.errors import ConfigError
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TASKS = ("classify", "regress")
+
+C = TypeVar("C")
+
+
+def _check_choice(what: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(what: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str | None = None  # a registered backbone (`ftpipe list backbones`), or None with class_path
+    class_path: str | None = None  # the user's own nn.Module, e.g. mypkg.models.Net (Lightning CLI style)
+    init_args: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments
+    taps: dict[str, str] = field(default_factory=dict)  # cache array -> module output: `encoder`, `decoder:0`, `final.a.b`
+    pooling: dict[str, str] = field(default_factory=dict)  # cache array -> mean|max|attn|cls|last over dim 1 of its tap
+    strip_prefixes: list[str] = field(default_factory=list)  # extra leading key prefixes to strip (model., module., _orig_mod. always)
+    renames: dict[str, str] = field(default_factory=dict)  # leading prefix renames, checkpoint -> module
+    drop_keys: list[str] = field(default_factory=list)  # glob patterns of head keys to drop (cls_head.* always)
+    options: dict[str, Any] = field(default_factory=dict)  # family-specific extraction options (e.g. vit last_k_blocks)
+
+    def __post_init__(self) -> None:
+        if bool(self.name) == bool(self.class_path):
+            raise ConfigError("backbone needs exactly one of `name` (a built-in) or `class_path` (your own module)")
+        if self.class_path and not self.taps:
+            raise ConfigError("backbone.taps is empty: name at least one module output to cache, e.g. `pooled/embed: encoder`")
+        for array, mode in self.pooling.items():
+            _check_choice(f"backbone.pooling[{array!r}]", mode, ("mean", "max", "attn", "cls", "last"))
+            if self.class_path and array not in self.taps:
+                raise ConfigError(f"backbone.pooling names {array!r}, which is not in backbone.taps")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str = "arrays"  # arrays (.npz or a folder of .npy) | parquet (one row per sample, list columns)
+    path: str | None = None  # relative paths are relative to the config file
+    inputs: list[str] = field(default_factory=lambda: ["x"])  # input array keys / columns, in forward order
+    targets: list[str] = field(default_factory=list)  # target keys / columns (NaN = missing)
+    split: str | None = "split"  # key / column holding train/val/test (names or codes 0/1/2)
+    sample_id: str | None = None  # key / column of stable sample ids; default: row number
+    options: dict[str, Any] = field(default_factory=dict)  # format- or family-specific reader options
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, ("arrays", "parquet"))
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbone: BackboneConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 64  # samples per backbone forward
+    num_workers: int = 0  # DataLoader workers
+    device: str = "auto"  # auto = cuda when available
+    dtype: str = "float16"  # storage dtype of float features
+    split_ratios: list[float] | None = None  # explicit train/val/test ratios when the data has no split
+    split_seed: int = 0  # seed of the split_ratios assignment (recorded in the key)
+    shard_rows: int | None = None  # rows per shard file; None = unsharded chunks (faster on a local disk)
+    trust_checkpoint: bool = False  # allow pickled objects in torch.load (only for checkpoints you trust)
+
+    def __post_init__(self) -> None:
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("num_workers", self.num_workers, allow_zero=True)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("dtype", self.dtype, FLOAT_DTYPES)
+        if self.split_ratios is not None:
+            if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:
+                raise ConfigError(f"split_ratios must be three non-negative numbers summing to 1 (train,val,test); got {self.split_ratios}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str  # a registered head (`ftpipe list heads`)
+    target: str | None = None  # targets/<name>; default: the cache's only target
+    task: str | None = None  # classify | regress; default: from the head or the target's dtype
+    params: dict[str, Any] = field(default_factory=dict)  # head hyperparameters (--set key=value)
+    epochs: int = 50
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to lr * 1e-3
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    patience: int = 10  # early stopping on the selection split; 0 disables
+    seed: int = 0
+    device: str = "auto"
+    select_split: str = "val"  # split used for early stopping and best-weight selection (never test)
+    memory_budget_gb: float | None = None  # max bytes of cached arrays on the device; None = 80% of free memory
+
+    def __post_init__(self) -> None:
+        _check_positive("epochs", self.epochs)
+        _check_positive("lr", self.lr)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("grad_clip", self.grad_clip, allow_zero=True)
+        _check_positive("patience", self.patience, allow_zero=True)
+        _check_choice("device", self.device, DEVICES)
+        if self.task is not None:
+            _check_choice("task", self.task, TASKS)
+        if self.select_split == "test":
+            raise ConfigError("select_split is 'test': heads are selected on val, test is only reported; use val")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for YAML/JSON next to every output)."""
+    return dataclasses.asdict(config)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` onto ``base``; None values in override are ignored (unset CLI options)."""
+    out = dict(base)
+    for k, v in override.items():
+        if v is None:
+            continue
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def build(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
+    """Map plain data onto a frozen config dataclass, strictly (unknown keys are errors)."""
+    import dacite
+
+    try:
+        return dacite.from_dict(cls, dict(data), config=dacite.Config(strict=True, cast=[tuple, float]))
+    except dacite.UnexpectedDataError as exc:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(exc.keys)} for {cls.__name__}") from None
+    except dacite.MissingValueError as exc:
+        raise ConfigError(f"{source}: missing required key {exc.field_path!r}") from None
+    except dacite.WrongTypeError as exc:
+        raise ConfigError(f"{source}: {exc.field_path!r} should be {exc.field_type}, got {exc.value!r}") from None
+    except dacite.DaciteError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        # float casts of YAML strings such as `1e-3` (PyYAML reads those as strings) land here when invalid
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load(cls: type[C], *, yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
+    """defaults < YAML < overrides. Relative ``data.path`` in a YAML is made relative to the YAML file."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if yaml_path is not None:
+        data = read_yaml(yaml_path)
+        source = str(yaml_path)
+        data_section = data.get("data")
+        if isinstance(data_section, dict) and data_section.get("path"):
+            p = Path(str(data_section["path"]))
+            if not p.is_absolute():
+                data_section["path"] = str((Path(yaml_path).parent / p).resolve())
+    data = merge(data, overrides or {})
+    return build(cls, data, source=source)
+
+
+def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs -> dict; values parsed as YAML scalars/lists (``3``, ``1e-3``, ``[96,144]``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set hidden=144")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def resolve_device(device: str) -> "Any":
+    """auto -> cuda when available, else cpu. Returns a torch.device."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)

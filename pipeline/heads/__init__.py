@@ -1,0 +1,1 @@
+"""Head families; importing this package registers every head."""
