@@ -1,0 +1,74 @@
+"""Every YAML under configs/ loads and validates against what it will bind to, without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as cfg
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+YAMLS = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_there_are_configs_in_every_section():
+    sections = {p.relative_to(CONFIGS).parts[0] for p in YAMLS}
+    assert {"backbones", "heads", "sweeps", "examples"} <= sections
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in YAMLS])
+def test_yaml_opens_with_the_command_that_uses_it(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ftpipe "), f"{path} should open with '# ftpipe <command> ...'"
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in YAMLS])
+def test_yaml_validates(path: Path):
+    section = path.relative_to(CONFIGS).parts[0]
+    if section in ("backbones", "examples"):
+        config = cfg.load(cfg.ExtractConfig, yaml_path=path)
+        from pipeline.registry import BACKBONES
+
+        if config.backbone.name:
+            assert config.backbone.name in BACKBONES
+    elif section == "heads":
+        config = cfg.load(cfg.TrainConfig, yaml_path=path)
+        from pipeline.registry import HEADS
+
+        assert config.arch in HEADS
+    elif section == "sweeps":
+        from pipeline.sweep import sweep_spec_from_cli
+
+        spec = sweep_spec_from_cli(config_path=str(path), arch=None, sets=(), seeds=None, epochs=None,
+                                   target=None, task=None, device=None)
+        assert spec is not None
+    else:
+        pytest.fail(f"no validator for configs/{section}/")
+
+
+def test_unknown_key_is_an_error(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: mlp3\nlrr: 0.1\n")
+    with pytest.raises(cfg.ConfigError, match="lrr"):
+        cfg.load(cfg.TrainConfig, yaml_path=bad)
+
+
+def test_precedence_defaults_yaml_cli(tmp_path: Path):
+    y = tmp_path / "h.yaml"
+    y.write_text("arch: mlp3\nlr: 1e-2\nepochs: 7\n")
+    c = cfg.load(cfg.TrainConfig, yaml_path=y, overrides={"epochs": 3, "lr": None})
+    assert (c.arch, c.lr, c.epochs, c.batch_size) == ("mlp3", 0.01, 3, cfg.TrainConfig(arch="x").batch_size)
+
+
+def test_relative_data_path_is_relative_to_the_yaml(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    y = tmp_path / "sub" / "e.yaml"
+    y.write_text("backbone: {name: vit}\ndata: {path: ../d.npz}\n")
+    c = cfg.load(cfg.ExtractConfig, yaml_path=y)
+    assert Path(c.data.path) == (tmp_path / "d.npz").resolve()
+
+
+def test_selecting_on_test_is_refused():
+    with pytest.raises(cfg.ConfigError, match="val"):
+        cfg.TrainConfig(arch="linear", select_split="test")
