@@ -1,0 +1,105 @@
+"""`attn-pool`: masked attention pooling over per-step or per-object embeddings, then an MLP.
+
+Notable features:
+- The predecessor scripts' pooling: query = masked mean of the sequence, weights = softmax of the
+  dot products of each step with the query, pooled = weighted sum. Optionally a learned query is
+  added to the mean query (``learned_query: true``) and the dot products are scaled by 1/sqrt(D)
+  (``scaled: true``, default: the predecessor did not scale, which makes the softmax very peaked
+  on wide embeddings).
+- Masking is exact: padded steps get a finite large-negative score and zero weight, so the same
+  sample padded to any length gives the same output; an empty sequence pools to zeros (finite).
+- Reads a ragged array (default ``seq/embed``) or a dense ``(N, Q, D)`` array (``objects/embed``,
+  every object present); the trainer pads ragged batches on the device (no DataLoader).
+- The MLP is the predecessor's light head (D -> D/2, norm, ReLU, dropout 0.1 -> classes, Xavier init);
+  the norm defaults to LayerNorm rather than the predecessor's BatchNorm because the trainer's last
+  batch may hold one sample (BatchNorm fails on it) and LayerNorm keeps each sample independent of
+  its batch-mates (``norm: batch`` restores the predecessor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Finite fill for padded scores: exp(fill - max) underflows to exactly 0 in float32, and unlike -inf
+# it never produces NaN (an all-padding row would otherwise softmax to NaN).
+SCORE_FILL = -1.0e4
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (B, L, D) over the valid steps of ``mask`` (B, L); zeros for an empty row."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+    """Softmax over valid entries only; an all-padding row gives all-zero weights (never NaN)."""
+    scores = scores.masked_fill(~mask, SCORE_FILL)
+    w = torch.softmax(scores, dim=dim) * mask.to(scores.dtype)
+    # Renormalise: a no-op for rows with a valid entry, and turns the all-padding row into zeros.
+    return w / w.sum(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+class AttentionPool(nn.Module):
+    """(B, L, D) embeddings + (B, L) mask -> (B, D) pooled embedding."""
+
+    def __init__(self, *, dim: int, learned_query: bool = False, scaled: bool = False) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(dim) if scaled else 1.0
+        # Zero-initialised so that training starts from the predecessor's mean-query pooling.
+        self.query = nn.Parameter(torch.zeros(dim)) if learned_query else None
+
+    def weights(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        query = masked_mean(x, mask)
+        if self.query is not None:
+            query = query + self.query
+        scores = (x * query.unsqueeze(1)).sum(dim=-1) * self.scale
+        return masked_softmax(scores, mask, dim=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.weights(x, mask).unsqueeze(-1) * x).sum(dim=1)
+
+
+NORMS = ("layer", "batch", "none")
+
+
+def light_mlp(*, in_dim: int, out_dim: int, hidden: int | None, dropout: float, norm: str = "layer") -> nn.Sequential:
+    """The predecessor's light head: in -> hidden (default in/2), norm, ReLU, dropout -> out, Xavier init."""
+    hidden = hidden or max(in_dim // 2, 1)
+    norm_layer: nn.Module = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}.get(norm, lambda _: nn.Identity())(hidden)
+    net = nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        norm_layer,
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
+    for m in net:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class AttnPoolNet(nn.Module):
+    """Attention pooling -> light MLP -> class logits (or regression outputs)."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        n_out: int,
+        hidden: int | None = None,
+        dropout: float = 0.1,
+        learned_query: bool = False,
+        scaled: bool = False,
+        norm: str = "layer",
+    ) -> None:
+        super().__init__()
+        self.pool = AttentionPool(dim=dim, learned_query=learned_query, scaled=scaled)
+        self.mlp = light_mlp(in_dim=dim, out_dim=n_out, hidden=hidden, dropout=dropout, norm=norm)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(x, mask))

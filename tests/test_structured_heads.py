@@ -1,0 +1,83 @@
+"""attn-pool, vae-fusion, object-valid: exact masking, finite outputs on empty inputs, predecessor formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.heads.attn_pool import AttentionPool, AttnPoolNet, masked_mean, masked_softmax
+from pipeline.heads.object_valid import ObjectValidNet, masked_bce
+from pipeline.heads.vae_fusion import VaeFusionNet, uncertainty_fusion
+
+D = 8
+
+
+def _pad(x: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+    pad = torch.full((x.shape[0], length - x.shape[1], *x.shape[2:]), fill)
+    return torch.cat([x, pad], dim=1)
+
+
+def test_attention_pool_matches_predecessor_formula_without_padding() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, D)
+    pooled = AttentionPool(dim=D)(h, torch.ones(3, 5, dtype=torch.bool))
+    # the predecessor scripts' _extract_features_fast
+    query = h.mean(dim=1, keepdim=True)
+    w = torch.softmax(torch.sum(h * query, dim=-1), dim=1)
+    torch.testing.assert_close(pooled, torch.sum(h * w.unsqueeze(-1), dim=1))
+
+
+@pytest.mark.parametrize("learned_query, scaled", [(False, False), (True, True)])
+def test_attn_pool_padding_changes_nothing(learned_query: bool, scaled: bool) -> None:
+    torch.manual_seed(0)
+    net = AttnPoolNet(dim=D, n_out=2, learned_query=learned_query, scaled=scaled).eval()
+    x = torch.randn(1, 6, D)
+    ref = net(x, torch.ones(1, 6, dtype=torch.bool))
+    for length, fill in ((9, 0.0), (40, 1e3)):
+        mask = torch.arange(length).unsqueeze(0) < 6
+        torch.testing.assert_close(net(_pad(x, length, fill), mask), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_sequence_pools_to_zero_and_is_finite() -> None:
+    x = torch.randn(2, 4, D, requires_grad=True)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    w = masked_softmax((x * 1.0).sum(-1), mask)
+    assert torch.all(w[1] == 0) and torch.isclose(w[0].sum(), torch.tensor(1.0))
+    pooled = AttentionPool(dim=D, learned_query=True)(x, mask)
+    assert torch.isfinite(pooled).all() and torch.all(pooled[1] == 0)
+    assert torch.all(masked_mean(x, mask)[1] == 0)
+    pooled.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("fusion, pool", [("gated", "mean"), ("uncertainty", "mean"), ("gated", "attn")])
+def test_vae_fusion_padding_changes_nothing_and_empty_is_finite(fusion: str, pool: str) -> None:
+    torch.manual_seed(0)
+    net = VaeFusionNet(dim=D, n_out=3, fusion=fusion, pool=pool).eval()
+    mu, logvar = torch.randn(1, 5, D), torch.randn(1, 5, D)
+    ref = net(mu, logvar, torch.ones(1, 5, dtype=torch.bool))
+    mask = torch.arange(11).unsqueeze(0) < 5
+    # padding logvar of 1e4 would overflow exp() if it reached it unclamped and unmasked
+    torch.testing.assert_close(net(_pad(mu, 11, 7.0), _pad(logvar, 11, 1e4), mask), ref, rtol=1e-5, atol=1e-6)
+    empty = net(mu, logvar, torch.zeros(1, 5, dtype=torch.bool))
+    assert torch.isfinite(empty).all()
+
+
+def test_uncertainty_weighting_is_the_predecessor_formula() -> None:
+    mu, logvar = torch.randn(4, D), torch.randn(4, D)
+    std = torch.exp(0.5 * logvar)
+    expected = torch.sigmoid(-std.mean(-1, keepdim=True) + 1.0) * mu
+    torch.testing.assert_close(uncertainty_fusion(mu, std), expected)
+
+
+def test_object_valid_net_and_masked_bce() -> None:
+    torch.manual_seed(0)
+    net = ObjectValidNet(dim=D, use_backbone_logit=True)
+    obj = torch.randn(2, 3, D)
+    logit = torch.tensor([[5.0, -1e4, 0.0], [1.0, 2.0, -3.0]])  # -1e4: the cached padding fill
+    out = net(obj, logit)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    t = torch.tensor([[1.0, 0.0, float("nan")], [1.0, float("nan"), 0.0]])
+    loss = masked_bce(out, t)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
