@@ -1,0 +1,3 @@
+"""Synthetic dataset generators; importing this package registers every generator."""
+
+from pipeline.data.generators import tracks  # noqa: F401
