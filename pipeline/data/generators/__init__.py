@@ -1,3 +1,3 @@
 """Synthetic dataset generators; importing this package registers every generator."""
 
-from pipeline.data.generators import tracks  # noqa: F401
+from pipeline.data.generators import icu, images, tracks  # noqa: F401
