@@ -141,24 +141,28 @@ class Task:
 
         return t >= 0 if self.kind == "classify" else ~torch.isnan(t)
 
-    def loss_fn(self, out: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+    def loss_fn(self, out: "torch.Tensor", t: "torch.Tensor", *, masked: bool = True) -> "torch.Tensor":
         """Mean loss over valid entries only. ``out``: (B, [Q,] n_outputs); ``t``: encoded targets.
 
         A batch with no valid entry returns a zero that still depends on ``out`` (so backward works).
+        ``masked=False`` is a fast path for callers that know no target is missing (no host sync).
         """
         import torch
         import torch.nn.functional as F
 
-        m = self.valid(t)
-        if not bool(m.any()):
-            return out.sum() * 0.0
         out = out.float()
+        if masked:
+            m = self.valid(t)
+            if not bool(m.any()):
+                return out.sum() * 0.0
+            o, y = out[m], t[m]
+        else:
+            o, y = out.reshape(-1, out.shape[-1]) if self.kind == "classify" else out, t.reshape(-1) if self.kind == "classify" else t
         if self.kind == "classify":
             w = None
             if self.class_weights is not None:
                 w = torch.tensor(self.class_weights, device=out.device, dtype=out.dtype)
-            return F.cross_entropy(out[m], t[m], weight=w)
-        o, y = out[m], t[m]
+            return F.cross_entropy(o, y, weight=w)
         if self.loss == "mse":
             return F.mse_loss(o, y)
         if self.loss == "smooth_l1":
@@ -190,10 +194,11 @@ class Head(Protocol):
 
     name: str
     task: Task
+    inputs: tuple[str, ...]  # the cache arrays it reads, in order
 
-    def fit(self, *, features: "FeatureSet", train_rows: "torch.Tensor", val_rows: "torch.Tensor",
+    def fit(self, *, features: "FeatureSet", target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor",
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
-        """Train in place; select on ``val_rows``; return per-epoch history rows
+        """Train on ``features.targets[target]`` in place; select on ``val_rows``; return per-epoch history rows
         (``epoch, train_loss, val_loss, seconds`` + val metrics)."""
         ...
 
@@ -275,12 +280,12 @@ class TorchHead:
         self.inputs = tuple(inputs)
         self.task = task
 
-    def fit(self, *, features: "FeatureSet", train_rows: "torch.Tensor", val_rows: "torch.Tensor",
+    def fit(self, *, features: "FeatureSet", target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor",
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
         from pipeline.train import fit_module
 
         return fit_module(module=self.module, inputs=self.inputs, task=self.task, features=features,
-                          train_rows=train_rows, val_rows=val_rows, config=config, progress=progress)
+                          target=target, train_rows=train_rows, val_rows=val_rows, config=config, progress=progress)
 
     def outputs(self, *, features: "FeatureSet", rows: "torch.Tensor", batch_size: int = 4096) -> "torch.Tensor":
         """Raw (encoded-space) outputs, eval mode, no grad, on the features' device."""
