@@ -32,6 +32,23 @@ LAYOUTS: dict[str, dict[str, Any]] = {
             }
         },
     },
+    # icu generator (pipeline/data/generators/icu.py): events grouped into sets by set_size
+    "setvae": {
+        "format": "parquet",
+        "inputs": ["variable", "value", "set_time", "set_size"],
+        "targets": ["label"],
+        "split": "split",
+        "sample_id": "patient_id",
+        "options": {"groups": {"events": ["variable", "value"], "seq": ["set_time", "set_size"]}},
+    },
+    # images generator (pipeline/data/generators/images.py)
+    "vit": {
+        "format": "arrays",
+        "inputs": ["images"],
+        "targets": ["label"],
+        "split": "split",
+        "sample_id": "sample_id",
+    },
 }
 
 
