@@ -1,0 +1,349 @@
+"""Cache reader: open by key, key prefix or path; load arrays into numpy or torch.
+
+Only ``complete`` caches are served (``require_complete=False`` is for admin commands). Loading
+reads whole arrays, or the chunk-aligned slab spanning the requested rows, into memory once and
+indexes there: a random subset of rows touches every chunk anyway, and in-memory fancy indexing
+is far faster than Zarr's per-row selection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache import layout as L
+from cache.errors import CacheError, CacheIncompleteError
+from cache.key import default_cache_root
+from cache.lock import StoreLock
+from cache.schema import ArraySpec, CacheSchema
+
+log = logging.getLogger(__name__)
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+RowsLike = Any  # None | sequence of ints | np.ndarray | torch.Tensor
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    from cache.writer import read_meta
+
+    return read_meta(path)
+
+
+def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
+    """Store path for a path, a full key or a unique key prefix under ``root``."""
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "zarr.json").is_file():
+        return p
+    root = Path(root) if root is not None else default_cache_root()
+    text = str(ref).lower()
+    if not _HEX.match(text):
+        raise CacheError(f"no cache at {ref!r}: not a cache folder, and not a key or key prefix (hex)")
+    candidates = []
+    if root.is_dir():
+        for d in sorted(root.glob("*.zarr")):
+            stem = d.name[: -len(".zarr")]
+            if not (stem.startswith(text) or text.startswith(stem)):
+                continue
+            try:
+                key = str(_read_meta(d).get("key", ""))
+            except CacheError:
+                continue
+            if key.startswith(text):
+                candidates.append(d)
+    if not candidates:
+        raise CacheError(f"no cache matches {ref!r} under {root}; list them with `ftpipe cache ls --cache-root {root}`")
+    if len(candidates) > 1:
+        raise CacheError(f"{ref!r} matches {len(candidates)} caches ({', '.join(c.name for c in candidates)}); give more of the key")
+    return candidates[0]
+
+
+def open_cache(ref: str | Path, *, root: Path | None = None, require_complete: bool = True) -> "CacheReader":
+    path = resolve_cache(ref, root=root)
+    reader = CacheReader(path)
+    if require_complete and reader.status != "complete":
+        committed = len(L.read_records(path))
+        raise CacheIncompleteError(
+            f"cache {path} is {reader.status} ({committed} of {reader.n_units} units written), not complete; "
+            "rerun the same ftpipe extract command to resume and finish it"
+        )
+    return reader
+
+
+def _rows_array(rows: RowsLike) -> np.ndarray:
+    if hasattr(rows, "detach"):
+        rows = rows.detach().cpu().numpy()
+    r = np.asarray(rows)
+    if r.dtype == bool:
+        return np.flatnonzero(r)
+    return r.astype(np.int64, copy=False).reshape(-1)
+
+
+def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class CacheReader:
+    """Read access to one cache store; see docs/CONTRACTS.md."""
+
+    def __init__(self, path: Path) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.attrs: dict[str, Any] = _read_meta(self.path)
+        self._group = zarr.open_group(str(self.path), mode="r")
+        self._specs = [ArraySpec.from_dict(d) for d in self.attrs["schema"]["arrays"]]
+        self._by_name = {s.name: s for s in self._specs}
+        self._index_cache: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.path)!r}, status={self.status!r}, n_samples={self.n_samples})"
+
+    # ---------------------------------------------------------------- facts
+
+    @property
+    def key(self) -> str:
+        return str(self.attrs["key"])
+
+    @property
+    def status(self) -> str:
+        return str(self.attrs["status"])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs["n_samples"])
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(self.attrs["split_names"])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.attrs["layout"]["n_units"])
+
+    @cached_property
+    def schema(self) -> CacheSchema:
+        lengths = {g: self._index(g)[:, 1] for g in self.attrs["layout"]["ragged"]}
+        return CacheSchema(n_samples=self.n_samples, arrays=tuple(self._specs), ragged_lengths=lengths,
+                           split_names=self.split_names)
+
+    def arrays(self) -> list[ArraySpec]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> ArraySpec:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise CacheError(f"no array {name!r} in cache {self.path.name}; it has: {', '.join(self._by_name)}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Dense: (N, *inner). Ragged: (total rows of all samples, *inner), gaps excluded."""
+        s = self.spec(name)
+        if s.ragged is None:
+            return (self.n_samples, *s.inner_shape)
+        return (int(self._index(s.ragged)[:, 1].sum()), *s.inner_shape)
+
+    def _index(self, group: str) -> np.ndarray:
+        if group not in self._index_cache:
+            self._index_cache[group] = np.asarray(self._group[f"{group}/index"][:], dtype=np.int64)
+        return self._index_cache[group]
+
+    def index(self, group: str) -> np.ndarray:
+        """(N, 2) [start, length] index of a ragged group, as stored."""
+        return self._index(group).copy()
+
+    @cached_property
+    def split_codes(self) -> np.ndarray:
+        if "split" not in self._by_name:
+            raise CacheError(f"cache {self.path.name} has no `split` array")
+        return np.asarray(self._group["split"][:], dtype=np.uint8)
+
+    def rows(self, split: str) -> np.ndarray:
+        """Sample indices of one split, ascending."""
+        if split not in self.split_names:
+            raise CacheError(f"no split {split!r} in cache {self.path.name}; splits: {', '.join(self.split_names)}")
+        rows = np.flatnonzero(self.split_codes == self.split_names.index(split))
+        if rows.size == 0:
+            present = [n for i, n in enumerate(self.split_names) if (self.split_codes == i).any()]
+            raise CacheError(f"split {split!r} is empty in cache {self.path.name}; non-empty splits: {', '.join(present)}")
+        return rows
+
+    # ---------------------------------------------------------------- numpy
+
+    def _read(self, spec: ArraySpec, lo: int, hi: int, raw: bool = False) -> np.ndarray:
+        z = self._group[spec.name]
+        data = np.asarray(z[lo:hi]) if hi > lo else np.empty((0, *spec.inner_shape), dtype=z.dtype)
+        if spec.dtype == "bfloat16" and not raw:
+            data = _bf16_bits_to_float32(data)  # numpy has no bfloat16; float32 holds it exactly
+        return data
+
+    def load_numpy(self, name: str, rows: RowsLike = None) -> Any:
+        """Dense: ``np.ndarray`` (rows in the order given). Ragged: ``(values, index)``.
+
+        Ragged without ``rows`` is returned as stored (the index is authoritative; values may hold
+        fill rows between units). With ``rows`` it is compact and re-based to those rows.
+        bfloat16 arrays come back as float32 (exact).
+        """
+        return self._load_np(name, rows, raw=False)
+
+    def _load_np(self, name: str, rows: RowsLike, *, raw: bool) -> Any:
+        s = self.spec(name)
+        if s.ragged is None:
+            if rows is None:
+                return self._read(s, 0, self.n_samples, raw)
+            r = _rows_array(rows)
+            if r.size == 0:
+                return self._read(s, 0, 0, raw)
+            self._check_rows(r)
+            lo, hi = int(r.min()), int(r.max()) + 1
+            return self._read(s, lo, hi, raw)[r - lo]
+        index = self._index(s.ragged)
+        if rows is None:
+            total = int(self.attrs["layout"]["ragged"][s.ragged]["total"])
+            return self._read(s, 0, total, raw), index.copy()
+        r = _rows_array(rows)
+        self._check_rows(r)
+        sel = index[r]
+        lens = sel[:, 1]
+        n = int(lens.sum())
+        new_index = np.stack([np.cumsum(lens) - lens, lens], axis=1).astype(np.int64)
+        if n == 0:
+            return self._read(s, 0, 0, raw), new_index
+        nz = lens > 0
+        lo = int(sel[nz, 0].min())
+        hi = int((sel[nz, 0] + lens[nz]).max())
+        slab = self._read(s, lo, hi, raw)
+        # Vectorised gather: flat position of every selected element.
+        owner = np.repeat(np.arange(len(r)), lens)
+        pos = sel[owner, 0] - lo + np.arange(n) - new_index[owner, 0]
+        return slab[pos], new_index
+
+    def _check_rows(self, r: np.ndarray) -> None:
+        if r.size and (r.min() < 0 or r.max() >= self.n_samples):
+            raise CacheError(f"rows out of range for a cache of {self.n_samples} samples")
+
+    def iter_chunks(self, name: str, *, rows_per_chunk: int) -> Iterator[tuple[int, Any]]:
+        """Stream ``(start, array)`` (ragged: ``(start, (values, index))``, compact) to bound memory."""
+        if rows_per_chunk <= 0:
+            raise CacheError("rows_per_chunk must be positive")
+        s = self.spec(name)
+        for start in range(0, self.n_samples, rows_per_chunk):
+            stop = min(start + rows_per_chunk, self.n_samples)
+            if s.ragged is None:
+                yield start, self._read(s, start, stop)
+            else:
+                yield start, self.load_numpy(name, rows=np.arange(start, stop))
+
+    # ---------------------------------------------------------------- torch
+
+    def load(
+        self,
+        names: str | Sequence[str],
+        *,
+        rows: RowsLike = None,
+        device: Any = "cpu",
+        dtype: Any = "float32",
+    ) -> dict[str, Any]:
+        """Arrays as torch tensors (dense) or ``Ragged`` on ``device``; floats cast to ``dtype``
+        (``None`` keeps the stored float dtype, bfloat16 included), integers kept."""
+        import torch
+
+        from cache.ragged import Ragged
+
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        device = torch.device(device)
+        out: dict[str, Any] = {}
+        for name in names:
+            s = self.spec(name)
+            if s.ragged is None:
+                out[name] = self._to_torch(s, self._load_np(name, rows, raw=True), device, dtype)
+            else:
+                values, index = self._load_np(name, rows, raw=True)
+                out[name] = Ragged(self._to_torch(s, values, device, dtype), torch.from_numpy(index).to(device))
+        return out
+
+    @staticmethod
+    def _to_torch(spec: ArraySpec, data: np.ndarray, device: Any, dtype: Any) -> Any:
+        import torch
+
+        if spec.dtype == "bfloat16":
+            # bfloat16 is stored as its uint16 bits: reinterpret, no rounding.
+            t = torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(data))
+        t = t.to(device)
+        if t.is_floating_point() and dtype is not None:
+            t = t.to(dtype)
+        return t
+
+
+# -------------------------------------------------------------------- admin
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    size = files = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            files += 1
+            size += p.stat().st_size
+    return size, files
+
+
+def list_caches(root: Path) -> list[dict[str, Any]]:
+    """One dict per store under ``root`` (newest first); unreadable stores are listed as ``broken``."""
+    root = Path(root)
+    out: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return out
+    for d in root.glob("*.zarr"):
+        if not d.is_dir():
+            continue
+        size, files = _dir_size(d)
+        try:
+            meta = _read_meta(d)
+        except CacheError as exc:
+            out.append({"key": None, "path": str(d), "status": "broken", "error": str(exc), "size_bytes": size,
+                        "files": files, "created": ""})
+            continue
+        out.append({
+            "key": meta.get("key"),
+            "path": str(d),
+            "status": meta.get("status"),
+            "n_samples": meta.get("n_samples"),
+            "backbone": meta.get("backbone"),
+            "arrays": len(meta.get("schema", {}).get("arrays", [])),
+            "units_committed": len(L.read_records(d)),
+            "units": meta.get("layout", {}).get("n_units"),
+            "created": meta.get("created", ""),
+            "updated": meta.get("updated", ""),
+            "size_bytes": size,
+            "files": files,
+        })
+    out.sort(key=lambda r: str(r.get("created") or ""), reverse=True)
+    return out
+
+
+def remove_cache(ref: str | Path, *, root: Path | None = None) -> Path:
+    """Delete a store; refuses (CacheLockedError) while a writer holds it."""
+    path = resolve_cache(ref, root=root)
+    try:
+        _read_meta(path)
+    except CacheError as exc:
+        raise CacheError(f"refusing to remove {path}: {exc}") from None
+    lock = StoreLock(path / L.PRIVATE_DIR / "writer.lock")
+    lock.acquire(wait=False, what=f"cache {path}")
+    try:
+        shutil.rmtree(path)
+    finally:
+        lock.release()
+    log.info("removed cache %s", path)
+    return path
