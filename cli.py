@@ -126,6 +126,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
         force=force,
         wait=not no_wait,
         progress=not as_json and sys.stderr.isatty(),
+        config_dir=Path(config_path).resolve().parent if config_path else None,
     )
     if as_json:
         _emit_json(result.to_dict())
