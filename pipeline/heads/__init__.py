@@ -1,1 +1,3 @@
-"""Head families; importing this package registers every head."""
+"""Head families; importing this package registers every head (one import per family file)."""
+
+from pipeline.heads import linear, mlp, lightgbm_head  # noqa: F401

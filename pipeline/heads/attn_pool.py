@@ -19,9 +19,13 @@ Notable features:
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from pipeline.errors import TrainError
+from pipeline.heads.base import torch_head
 
 # Finite fill for padded scores: exp(fill - max) underflows to exactly 0 in float32, and unlike -inf
 # it never produces NaN (an all-padding row would otherwise softmax to NaN).
@@ -103,3 +107,66 @@ class AttnPoolNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.pool(x, mask))
+
+
+# --------------------------------------------------------------------------- head family
+
+DEFAULTS: dict[str, Any] = {
+    "features": "seq/embed",  # ragged (sum T_i, D) per-step embeddings, or dense (N, Q, D) e.g. objects/embed
+    "hidden": None,  # MLP hidden width; None = D/2 (the predecessor's 256 -> 128)
+    "dropout": 0.1,
+    "learned_query": False,  # add a learned vector to the mean query (zero-initialised)
+    "scaled": False,  # divide scores by sqrt(D); the predecessor did not
+    "norm": "layer",  # layer | batch (predecessor) | none
+}
+
+
+def sequence_mask(batch: Mapping[str, torch.Tensor], *, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The (B, L) mask of the padded array ``name``: ``<group>/mask`` of its ragged group, found by shape
+    (the group is not always the name's prefix: ``vae/mu`` is ragged over ``seq``); all-True for a dense array."""
+    prefix = f"{name.split('/')[0]}/mask"
+    candidates = [prefix] + sorted(k for k in batch if k.endswith("/mask") and k != prefix)
+    for key in candidates:
+        m = batch.get(key)
+        if m is not None and tuple(m.shape) == tuple(x.shape[:2]):
+            return m
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+def as_sequence(x: torch.Tensor) -> torch.Tensor:
+    """A dense (B, D) array is a sequence of one; (B, L, D) stays."""
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+class AttnPoolHead(nn.Module):
+    """The batch-contract adapter: ``batch[features]`` + its mask -> AttnPoolNet."""
+
+    def __init__(self, *, features: str, net: AttnPoolNet) -> None:
+        super().__init__()
+        self.features = features
+        self.net = net
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        x = as_sequence(batch[self.features])
+        return self.net(x, sequence_mask(batch, name=self.features, x=x))
+
+
+def _attn_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tuple[str, ...]:
+    name = str(params.get("features") or DEFAULTS["features"])
+    if available and name not in available:
+        seqs = [a for a in available if a.endswith("/embed") and not a.startswith("pooled/")]
+        raise TrainError(f"attn-pool reads {name!r}, which this cache lacks; per-step/per-object arrays here: "
+                         f"{seqs or 'none'} (choose with --set features=<array>)")
+    return (name,)
+
+
+@torch_head("attn-pool", tasks=("classify", "regress"), inputs=_attn_inputs, defaults=DEFAULTS,
+            test_params={"hidden": 16})
+def build_attn_pool(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+    name = params["features"]
+    dim = shapes[name][-1]
+    if params["norm"] not in NORMS:
+        raise TrainError(f"attn-pool: norm must be one of {NORMS}; got {params['norm']!r}")
+    net = AttnPoolNet(dim=dim, n_out=n_outputs, hidden=params["hidden"], dropout=float(params["dropout"]),
+                      learned_query=bool(params["learned_query"]), scaled=bool(params["scaled"]), norm=params["norm"])
+    return AttnPoolHead(features=name, net=net)

@@ -16,10 +16,14 @@ Notable features:
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
-from pipeline.heads.attn_pool import AttentionPool, light_mlp, masked_mean
+from pipeline.errors import TrainError
+from pipeline.heads.attn_pool import NORMS, AttentionPool, as_sequence, light_mlp, masked_mean, sequence_mask
+from pipeline.heads.base import torch_head
 
 FUSIONS = ("gated", "uncertainty")
 POOLS = ("mean", "attn")
@@ -80,3 +84,48 @@ class VaeFusionNet(nn.Module):
         z = self.fused(mu, logvar)
         pooled = self.attn(z, mask) if self.attn is not None else masked_mean(z, mask)
         return self.mlp(pooled)
+
+
+# --------------------------------------------------------------------------- head family
+
+MU, LOGVAR = "vae/mu", "vae/logvar"
+DEFAULTS: dict[str, Any] = {
+    "fusion": "gated",  # gated (learned gate between mean and std projections) | uncertainty (predecessor weighting)
+    "fused_dim": None,  # width of the gated projections; None = D
+    "pool": "mean",  # mean | attn: how fused sets are pooled per sample (masked)
+    "hidden": None,  # MLP hidden width; None = half the fused width
+    "dropout": 0.1,
+    "norm": "layer",  # layer | batch | none
+}
+
+
+class VaeFusionHead(nn.Module):
+    """Batch-contract adapter: ``vae/mu``, ``vae/logvar`` (+ their ragged group's mask) -> VaeFusionNet."""
+
+    def __init__(self, *, net: VaeFusionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mu, logvar = as_sequence(batch[MU]), as_sequence(batch[LOGVAR])
+        return self.net(mu, logvar, sequence_mask(batch, name=MU, x=mu))
+
+
+def _vae_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tuple[str, ...]:
+    missing = [n for n in (MU, LOGVAR) if n not in available]
+    if available and missing:
+        raise TrainError(f"vae-fusion reads {MU} and {LOGVAR}; this cache lacks {missing} "
+                         f"(extract with a VAE backbone such as setvae)")
+    return (MU, LOGVAR)
+
+
+@torch_head("vae-fusion", tasks=("classify", "regress"), inputs=_vae_inputs, defaults=DEFAULTS,
+            test_params={"hidden": 16})
+def build_vae_fusion(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+    if params["fusion"] not in FUSIONS or params["pool"] not in POOLS or params["norm"] not in NORMS:
+        raise TrainError(f"vae-fusion: fusion in {FUSIONS}, pool in {POOLS}, norm in {NORMS}; got "
+                         f"{params['fusion']!r}, {params['pool']!r}, {params['norm']!r}")
+    dim = shapes[MU][-1]
+    return VaeFusionHead(net=VaeFusionNet(dim=dim, n_out=n_outputs, fusion=params["fusion"],
+                                          fused_dim=params["fused_dim"], pool=params["pool"], hidden=params["hidden"],
+                                          dropout=float(params["dropout"]), norm=params["norm"]))

@@ -12,18 +12,24 @@ Notable features (the hepattn frozen-encoder regression task, on cached arrays):
   use a finite fill and are then set to 0; normalisation divides by ``clamp(sum, 1e-8)``; cached logit
   padding is the finite ``LOGIT_FILL``, never -inf. Padding hits never reach any pooling, so the same
   event padded to any length gives the same output.
-- Several target fields at once (pt, eta, phi, charge), each standardised; ``inverse_fields`` regress
-  1/x and predict 1/clamp(., inverse_min). Smooth-L1 only over finite targets: objects not matched to
-  a true particle carry NaN targets and are neither trained nor scored.
+- One target field per run (``--target pt``; eta, phi, charge likewise) through the shared ``Task``:
+  standardised, ``--set inverse=true`` regresses 1/pt and predicts 1/clamp(.), ``--set loss=smooth_l1``
+  is the hepattn loss. Objects not matched to a true particle carry NaN targets and are neither
+  trained nor scored (``Task`` masks them).
+- Raw hit fields are standardised with statistics of the first training batch (data-dependent
+  init, stored as buffers, so saved and loaded with the weights).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from pipeline.errors import TrainError
+from pipeline.heads.base import torch_head
 
 WEIGHT_EPS = 1e-8  # hepattn's clamp on the weight sum: an object with no assigned hits gets weights 0
 
@@ -83,7 +89,7 @@ def pool_hits(x: torch.Tensor, a: Assignment) -> torch.Tensor:
 
 class WeightedPoolNet(nn.Module):
     """Objects (B, Q, D), hit features (B, M, F), hit embeds (B, M, E), logits (B, M, Q), hit mask (B, M)
-    -> (B, Q, K) outputs in standardised target space."""
+    -> (B, Q, K) outputs in the Task's encoded target space."""
 
     def __init__(
         self,
@@ -109,11 +115,20 @@ class WeightedPoolNet(nn.Module):
         # Raw hit fields have physical scales (mm, rad, ...): standardise with training statistics.
         self.register_buffer("feature_mean", torch.zeros(hit_feature_dim))
         self.register_buffer("feature_std", torch.ones(hit_feature_dim))
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def set_feature_stats(self, *, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-6))
+        self.stats_ready.fill_(True)
+
+    @torch.no_grad()
+    def _init_stats(self, hit_features: torch.Tensor, hit_mask: torch.Tensor) -> None:
+        """Data-dependent init from the first training batch that has hits (valid hits only)."""
+        x = hit_features[hit_mask]
+        if x.shape[0] > 1:
+            self.set_feature_stats(mean=x.mean(0), std=x.std(0))
 
     def forward(
         self,
@@ -123,6 +138,8 @@ class WeightedPoolNet(nn.Module):
         logits: torch.Tensor,
         hit_mask: torch.Tensor,
     ) -> torch.Tensor:
+        if self.training and not bool(self.stats_ready):
+            self._init_stats(hit_features, hit_mask)
         a = assignment(logits, hit_mask, threshold=self.threshold)
         raw = self.raw_net((hit_features - self.feature_mean) / self.feature_std)
         enc = self.embed_net(hit_embed)
@@ -130,51 +147,51 @@ class WeightedPoolNet(nn.Module):
         return self.head(z)
 
 
-class TargetTransform(nn.Module):
-    """Per-field target transform: optional inverse (1/x), then standardisation with training statistics.
+# --------------------------------------------------------------------------- head family
 
-    ``encode`` maps targets to the space the net regresses; ``decode`` maps net outputs back, with
-    inverse fields predicted as ``1 / clamp(y, inverse_min)`` so a prediction is never inf.
-    """
+OBJECTS, FEATURES, EMBED, LOGITS, HIT_MASK = "objects/embed", "hits/features", "hits/embed", "assign/logits", "hits/mask"
+INPUTS = (OBJECTS, FEATURES, EMBED, LOGITS)
+DEFAULTS: dict[str, Any] = {
+    "hidden": 144,  # regression MLP width (hepattn notes: 144; underfitting -> 192/288)
+    "layers": 3,  # 1 = linear, 3 = two hidden layers
+    "dropout": 0.1,
+    "assignment_threshold": 0.1,  # hits with sigmoid(logit) below this are not pooled for the object
+    "pool_dim": None,  # width of the per-hit nets; None = the object embedding width (hepattn: full dim)
+}
 
-    def __init__(self, *, fields: list[str], inverse_fields: list[str], inverse_min: float = 1e-3) -> None:
+
+class WeightedPoolHead(nn.Module):
+    """Batch-contract adapter: objects, hits and assignment logits (+ ``hits/mask``) -> WeightedPoolNet."""
+
+    def __init__(self, *, net: WeightedPoolNet) -> None:
         super().__init__()
-        unknown = sorted(set(inverse_fields) - set(fields))
-        if unknown:
-            raise ValueError(f"inverse_fields {unknown} are not among the target fields {fields}")
-        self.fields = list(fields)
-        self.inverse_min = float(inverse_min)
-        self.register_buffer("inverse", torch.tensor([f in inverse_fields for f in fields], dtype=torch.bool))
-        self.register_buffer("mean", torch.zeros(len(fields)))
-        self.register_buffer("std", torch.ones(len(fields)))
+        self.net = net
 
-    def _invert(self, t: torch.Tensor) -> torch.Tensor:
-        # 1/x of a zero target would be inf: such a target is treated as missing (NaN).
-        inv = torch.where(t == 0, torch.full_like(t, float("nan")), 1.0 / t)
-        return torch.where(self.inverse, inv, t)
-
-    @torch.no_grad()
-    def fit(self, targets: torch.Tensor) -> None:
-        """``targets`` (..., K) with NaN for missing: statistics over finite entries, per field."""
-        t = self._invert(targets.reshape(-1, len(self.fields)).float())
-        ok = torch.isfinite(t)
-        n = ok.sum(0).clamp_min(1)
-        mean = torch.where(ok, t, 0.0).sum(0) / n
-        var = torch.where(ok, (t - mean) ** 2, 0.0).sum(0) / n
-        self.mean.copy_(mean)
-        self.std.copy_(var.sqrt().clamp_min(1e-6))
-
-    def encode(self, targets: torch.Tensor) -> torch.Tensor:
-        return (self._invert(targets) - self.mean) / self.std
-
-    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
-        y = outputs * self.std + self.mean
-        return torch.where(self.inverse, 1.0 / y.clamp_min(self.inverse_min), y)
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        feats = batch[FEATURES]
+        mask = batch.get(HIT_MASK)
+        if mask is None or tuple(mask.shape) != tuple(feats.shape[:2]):
+            # FeatureSets built without array specs name masks by prefix only; all three hit arrays share one index
+            mask = next(m for k, m in batch.items() if k.endswith("/mask") and tuple(m.shape) == tuple(feats.shape[:2]))
+        return self.net(batch[OBJECTS], feats, batch[EMBED], batch[LOGITS], mask)
 
 
-def masked_smooth_l1(outputs: torch.Tensor, encoded_targets: torch.Tensor) -> torch.Tensor:
-    """Mean smooth-L1 over finite targets only; 0 (with a graph) when a batch has none."""
-    ok = torch.isfinite(encoded_targets)
-    t = torch.where(ok, encoded_targets, outputs.detach())
-    loss = F.smooth_l1_loss(outputs, t, reduction="none") * ok.to(outputs.dtype)
-    return loss.sum() / ok.sum().clamp_min(1)
+def _weighted_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tuple[str, ...]:
+    missing = [n for n in INPUTS if n not in available]
+    if available and missing:
+        raise TrainError(f"weighted-pool reads {list(INPUTS)}; this cache lacks {missing} "
+                         f"(extract with an object backbone such as maskformer)")
+    return INPUTS
+
+
+@torch_head("weighted-pool", tasks=("regress",), inputs=_weighted_inputs, defaults=DEFAULTS, per_object=True,
+            test_params={"hidden": 16, "layers": 2, "pool_dim": 8})
+def build_weighted_pool(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+    q, d = shapes[OBJECTS]
+    if shapes[LOGITS] != (q,):
+        raise TrainError(f"assign/logits has {shapes[LOGITS]} columns per hit but objects/embed has {q} objects")
+    net = WeightedPoolNet(object_dim=d, hit_feature_dim=shapes[FEATURES][-1], hit_embed_dim=shapes[EMBED][-1],
+                          n_out=n_outputs, pool_dim=params["pool_dim"], hidden=int(params["hidden"]),
+                          layers=int(params["layers"]), dropout=float(params["dropout"]),
+                          assignment_threshold=float(params["assignment_threshold"]))
+    return WeightedPoolHead(net=net)
