@@ -21,6 +21,7 @@ import fnmatch
 import importlib
 import logging
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,9 @@ def _read_torchscript(path: Path) -> Checkpoint:
     import torch
 
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still have the files
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} looks like a TorchScript archive but cannot be loaded "
                               f"({_first_line(exc)})") from None
@@ -145,7 +148,9 @@ def _read_torch(path: Path, *, trust: bool) -> Checkpoint:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         raise _unpickling_error(path, exc, trust=trust) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # the unpicklers raise anything (IndexError, KeyError, ...) on foreign bytes
+        if "truncated" in str(exc) or isinstance(exc, EOFError):
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted; copy or save it again") from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(exc)}); expected a Lightning "
                               ".ckpt, a torch.save'd state dict, safetensors or TorchScript") from None
     return _unwrap(obj, path)
