@@ -250,4 +250,6 @@ def read_records(store: Path) -> dict[int, dict[str, Any]]:
 def sha256_of(a: np.ndarray) -> str:
     import hashlib
 
-    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+    a = np.ascontiguousarray(a)
+    # reshape(-1) keeps the bytes but avoids memoryview's refusal of zero-size shapes
+    return hashlib.sha256(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"").hexdigest()
