@@ -88,10 +88,12 @@ def lightning_checkpoint(path: Path, *, seed: int = 0, dim: int = 16, **extra_hp
     return path, net
 
 
-def write_config(path: Path, *, data: Path, class_path: str = "extract_fixtures.TinyNet", extra: str = "") -> Path:
+def write_config(path: Path, *, data: Path, class_path: str = "extract_fixtures.TinyNet", init_args: str = "{}",
+                 extra: str = "") -> Path:
     path.write_text(f"""# ftpipe extract --checkpoint CKPT --config {path.name}
 backbone:
   class_path: {class_path}
+  init_args: {init_args}
   taps:
     pooled/mean: seq
     pooled/attn: seq
