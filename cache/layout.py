@@ -72,6 +72,7 @@ def plan_layout(
     dense = [a for a in schema.arrays if a.ragged is None]
     widest = max([a.row_bytes for a in dense] + [16])  # the (N, 2) int64 index arrays are dense too
     cap = max(1, _pow2_floor(DENSE_CHUNK_BYTES / widest))
+    cap = min(cap, 1 << max(0, (n - 1).bit_length()))  # a small cache gets no chunk larger than itself
     mean_ragged = {g: float(lens.mean()) for g, lens in schema.ragged_lengths.items()}
     sample_bytes = sum(a.row_bytes for a in dense) + sum(
         a.row_bytes * mean_ragged[a.ragged] for a in schema.arrays if a.ragged is not None

@@ -27,6 +27,7 @@ def verify_cache(path: Path) -> VerifyReport:
     """Re-read every committed unit and compare sha256 of every array with its commit record."""
     import zarr
 
+    from cache.reader import _read_uncompressed_chunks
     from cache.writer import read_meta
 
     path = Path(path)
@@ -69,7 +70,12 @@ def verify_cache(path: Path) -> VerifyReport:
             lo, hi = entry["rows"]
             try:
                 # An empty extent hashes to sha256(b"") whatever the dtype, as it did when written.
-                data = np.asarray(group[s.name][lo:hi]) if hi > lo else np.empty(0, dtype=np.uint8)
+                if hi > lo:
+                    z = group[s.name]
+                    data = _read_uncompressed_chunks(z, lo, hi)
+                    data = np.asarray(z[lo:hi]) if data is None else data
+                else:
+                    data = np.empty(0, dtype=np.uint8)
                 digest = L.sha256_of(data)
             except Exception as exc:
                 problems.append(f"{u}: {s.name} rows {lo}-{hi - 1} cannot be read ({type(exc).__name__}: {exc})")

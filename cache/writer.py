@@ -22,6 +22,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,7 @@ class CacheWriter:
         self._error: BaseException | None = None
         self._arrays: dict[str, Any] = {}
         self._entered = False
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftpipe-cache-hash")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -275,6 +277,8 @@ class CacheWriter:
                             len(partial), ", ".join(map(str, partial[:5])))
             self._buffers.clear()
         finally:
+            self._hasher.shutdown(wait=True)
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftpipe-cache-hash")
             self._lock.release()
             self._entered = False
         if exc_type is None and self._error is not None:
@@ -390,6 +394,8 @@ class CacheWriter:
     def _write_unit(self, buf: _UnitBuffer) -> None:
         u = buf.unit
         record: dict[str, Any] = {"unit": u.id, "start": u.start, "stop": u.stop, "rank": self.rank, "arrays": {}}
+        # sha256 releases the GIL: hashing on a helper thread overlaps it with Zarr's write.
+        digests = {s.name: self._hasher.submit(L.sha256_of, buf.arrays[s.name]) for s in self.schema_specs}
         for s in self.schema_specs:
             data = buf.arrays[s.name]
             if s.ragged is None:
@@ -399,7 +405,9 @@ class CacheWriter:
                 hi = lo + data.shape[0]
             if hi > lo:
                 self._arrays[s.name][lo:hi] = data  # whole chunks/shards: unit boundaries are file boundaries
-            record["arrays"][s.name] = {"rows": [lo, hi], "sha256": L.sha256_of(data)}
+            record["arrays"][s.name] = {"rows": [lo, hi], "sha256": None}
+        for name, fut in digests.items():
+            record["arrays"][name]["sha256"] = fut.result()
         record["committed"] = _now()
         # The record is written last and atomically: its presence means every byte above is on disk.
         L.write_json_atomic(L.record_path(self.path, u.id), record)

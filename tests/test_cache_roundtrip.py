@@ -175,3 +175,22 @@ def test_create_is_idempotent_and_write_batch_checks_shapes(tmp_path):
         with pytest.raises(CacheError, match="missing arrays"):
             w.write_batch(a, {k: v for k, v in arrays.items() if k != "split"})
         assert not w.finalize()  # nothing committed yet
+
+
+def test_direct_chunk_reads_match_zarr(tmp_path):
+    """The reader's fast path for uncompressed arrays gives exactly what zarr gives, edges included."""
+    import zarr
+
+    from cache.reader import _read_uncompressed_chunks
+
+    g = zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
+    x = np.arange(37 * 3 * 2, dtype=np.float32).reshape(37, 3, 2)
+    z = g.create_array("a/x", shape=x.shape, dtype=x.dtype, chunks=(8, 3, 2), compressors=None, fill_value=-7.0)
+    z[:32] = x[:32]  # the last (edge) chunk is never written: it must read as the fill value
+    for lo, hi in [(0, 37), (3, 5), (7, 9), (30, 37), (16, 24)]:
+        np.testing.assert_array_equal(_read_uncompressed_chunks(z, lo, hi), z[lo:hi])
+    assert (_read_uncompressed_chunks(z, 33, 37) == -7.0).all()
+    sharded = g.create_array("s", shape=(16, 2), dtype="float32", chunks=(4, 2), shards=(8, 2), compressors=None)
+    compressed = g.create_array("c", shape=(16, 2), dtype="float32", chunks=(4, 2))
+    assert _read_uncompressed_chunks(sharded, 0, 16) is None
+    assert _read_uncompressed_chunks(compressed, 0, 16) is None
