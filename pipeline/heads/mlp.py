@@ -1,0 +1,130 @@
+"""MLP heads over pooled features: ``mlp2`` (the predecessor scripts' light head), ``mlp3`` and a
+configurable ``mlp``. ``make_mlp`` is reusable by structured heads (attn-pool, weighted-pool, ...).
+
+- ``mlp2``: D -> D/2, BatchNorm, ReLU, dropout 0.1 -> outputs, Xavier init (256 -> 128 -> 2 for D = 256).
+- ``mlp3``: D -> h -> h/2 -> outputs (h = D by default), BatchNorm, ReLU, dropout 0.1, Xavier init.
+- ``mlp``: ``hidden`` (an int repeated ``layers`` times, or a list), ``dropout``, ``norm`` batch|layer|none,
+  ``activation`` relu|gelu|silu|tanh|leaky_relu, ``init`` xavier|default.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+from pipeline.errors import ConfigError
+from pipeline.heads.base import torch_head
+
+NORMS = ("batch", "layer", "none")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
+
+
+def make_mlp(*, d_in: int, hidden: Sequence[int], n_out: int, norm: str = "batch", activation: str = "relu",
+             dropout: float = 0.1, init: str = "xavier") -> Any:
+    """Linear -> [norm] -> activation -> dropout, per hidden size, then a Linear to ``n_out``."""
+    import torch.nn as nn
+
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {NORMS}; got {norm!r}")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    if not 0 <= float(dropout) < 1:
+        raise ConfigError(f"dropout must be in [0, 1); got {dropout!r}")
+    act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}[activation]
+    layers: list[nn.Module] = []
+    d = int(d_in)
+    for h in hidden:
+        h = int(h)
+        if h <= 0:
+            raise ConfigError(f"hidden sizes must be positive; got {list(hidden)}")
+        layers.append(nn.Linear(d, h))
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(h))
+        elif norm == "layer":
+            layers.append(nn.LayerNorm(h))
+        layers += [act(), nn.Dropout(float(dropout))]
+        d = h
+    layers.append(nn.Linear(d, int(n_out)))
+    net = nn.Sequential(*layers)
+    if init == "xavier":
+        # Xavier: the predecessor scripts' choice for fast convergence of small heads
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    elif init != "default":
+        raise ConfigError(f"init must be xavier or default; got {init!r}")
+    return net
+
+
+def pooled_dim(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Width of the concatenated pooled inputs; each must be one vector per sample."""
+    for name, s in shapes.items():
+        if len(s) != 1:
+            raise ConfigError(f"pooled heads take (N, D) arrays; {name!r} has rows of shape {s} "
+                              f"(use a structured head such as attn-pool)")
+    return sum(s[0] for s in shapes.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _pooled_cls() -> Any:
+    # defined on first use so that importing the heads package (``ftpipe list heads``) does not import torch
+    import torch
+    import torch.nn as nn
+
+    class PooledNet(nn.Module):
+        """Concatenate the pooled inputs (in declared order) and apply ``net``."""
+
+        def __init__(self, inputs: Sequence[str], net: nn.Module) -> None:
+            super().__init__()
+            self.inputs = tuple(inputs)
+            self.net = net
+
+        def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            x = batch[self.inputs[0]] if len(self.inputs) == 1 else torch.cat([batch[n] for n in self.inputs], -1)
+            return self.net(x)
+
+    return PooledNet
+
+
+def pooled_net(*, inputs: Sequence[str], net: Any) -> Any:
+    """An ``nn.Module`` whose forward(batch) concatenates ``inputs`` and applies ``net``."""
+    return _pooled_cls()(inputs, net)
+
+
+def _hidden_list(params: Mapping[str, Any], d: int) -> list[int]:
+    hidden, layers = params.get("hidden"), params.get("layers")
+    if isinstance(hidden, (list, tuple)):
+        if layers is not None and int(layers) != len(hidden):
+            raise ConfigError(f"hidden {list(hidden)} has {len(hidden)} sizes but layers={layers}")
+        return [int(h) for h in hidden]
+    h = int(hidden) if hidden is not None else max(1, d // 2)
+    return [h] * int(layers if layers is not None else 2)
+
+
+@torch_head("mlp2", defaults={"features": None, "hidden": None, "dropout": 0.1},
+            test_params={"hidden": 16})
+def build_mlp2(*, params: dict, shapes: dict, n_outputs: int) -> Any:
+    d = pooled_dim(shapes)
+    hidden = int(params["hidden"]) if params["hidden"] is not None else max(1, d // 2)
+    return pooled_net(inputs=list(shapes), net=make_mlp(d_in=d, hidden=[hidden], n_out=n_outputs,
+                                                            norm="batch", dropout=params["dropout"]))
+
+
+@torch_head("mlp3", defaults={"features": None, "hidden": None, "dropout": 0.1},
+            test_params={"hidden": 16})
+def build_mlp3(*, params: dict, shapes: dict, n_outputs: int) -> Any:
+    d = pooled_dim(shapes)
+    h = int(params["hidden"]) if params["hidden"] is not None else d
+    return pooled_net(inputs=list(shapes), net=make_mlp(d_in=d, hidden=[h, max(1, h // 2)], n_out=n_outputs,
+                                                            norm="batch", dropout=params["dropout"]))
+
+
+@torch_head("mlp", defaults={"features": None, "hidden": None, "layers": None, "dropout": 0.1, "norm": "batch",
+                             "activation": "relu", "init": "xavier"},
+            test_params={"hidden": [16, 16], "norm": "layer", "activation": "gelu"})
+def build_mlp(*, params: dict, shapes: dict, n_outputs: int) -> Any:
+    d = pooled_dim(shapes)
+    return pooled_net(inputs=list(shapes), net=make_mlp(
+        d_in=d, hidden=_hidden_list(params, d), n_out=n_outputs, norm=params["norm"],
+        activation=params["activation"], dropout=params["dropout"], init=params["init"]))
