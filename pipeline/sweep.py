@@ -1,0 +1,688 @@
+"""Sweeps: a grid of head configurations trained over one or more caches, each cache loaded once.
+
+Notable features:
+- A sweep spec (YAML in ``configs/sweeps/`` or ``--arch/--set`` on the command line) is a union of
+  sub-grids; each sub-grid is the product of its axes. Training options (any ``TrainConfig`` field:
+  lr, epochs, batch_size, ...) go to the ``TrainConfig``; every other axis is a head param.
+- Every configuration x seed x cache is one run named from its swept hyperparameters
+  (``mlp_hidden144_layers3_lr0.001_seed0-<hash>``, the DINOv2 linear-eval habit) with a hash of the
+  resolved config and the cache key, so the name is stable: a rerun finds the runs already recorded
+  (their results row exists) and skips them, which is how an interrupted sweep resumes.
+- Each cache is read once into a ``FeatureSet`` holding the union of the arrays the heads need; all
+  heads train from it in this process. Same-shaped torch heads (same arch and network params, same
+  loop options; lr, weight decay and seed may differ) can be trained stacked (``pipeline.stacked``);
+  ``strategy=auto`` measures a few steps of both ways per group and takes the faster.
+- The sweep writes its own record ``runs/sweeps/<sweep_id>.json`` (spec, caches, run ids, the strategy
+  chosen per group with what was measured, timings), rewritten after every run so an interrupted
+  sweep leaves an honest record (``status: running|interrupted|complete``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from pipeline import config as cfg
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "stacked", "in-turn")
+MEASURE_STEPS = 3  # timed optimiser steps per way (after one warm-up step) when strategy=auto measures
+MEASURE_MIN_TRAIN_STEPS = 100  # below this many steps per head, auto does not measure: GPU stacks, CPU in turn
+# TrainConfig fields a grid axis may name; everything else on an axis is a head param. `seed` has its
+# own key (`seeds`), `params` is the head-param mapping itself.
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(cfg.TrainConfig) if f.name not in ("params", "seed"))
+SPEC_KEYS = ("name", "target", "task", "device", "seeds", "train", "params", "grid")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _coerce(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; a grid value that reads as a number is that number."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_coerce(v) for v in value]
+    return value
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``96,144,[256,128]`` -> ``["96", "144", "[256,128]"]`` (commas inside brackets stay)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_axis(raw: str) -> tuple[Any, ...]:
+    """A command-line axis ``v1,v2,...``: each value a YAML scalar or list (``[256,128,64]`` is ONE value)."""
+    import yaml
+
+    values = []
+    for part in _split_top_level(raw):
+        try:
+            values.append(_coerce(yaml.safe_load(part)))
+        except yaml.YAMLError:
+            values.append(part)
+    if not values:
+        raise ConfigError(f"--set axis {raw!r} has no values")
+    return tuple(values)
+
+
+def _axis_values(key: str, value: Any) -> tuple[Any, ...]:
+    """A YAML grid entry: a list is an axis of values; a scalar is one value (wrap a list value: [[256,128]])."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"grid axis {key!r} is an empty list")
+        return tuple(_coerce(v) for v in value)
+    return (_coerce(value),)
+
+
+def _fmt(value: Any) -> str:
+    """A hyperparameter value as it appears in a run name: 0.001, 96, 256-128-64, true."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = format(value, "g")
+    elif isinstance(value, (list, tuple)):
+        text = "-".join(_fmt(v) for v in value)
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "", text.replace("/", "."))
+
+
+def _digest(obj: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:n]
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration x seed (before a cache is chosen)."""
+
+    config: cfg.TrainConfig
+    swept: tuple[tuple[str, Any], ...]  # the axes of its sub-grid and their values here (for the name)
+
+    @property
+    def label(self) -> str:
+        """Hyperparameter name without the seed: ``mlp_hidden144_layers3_lr0.001`` (same for every seed)."""
+        return "_".join([_fmt(self.config.arch)] + [f"{_fmt(k)}{_fmt(v)}" for k, v in self.swept])
+
+    def run_id(self, cache_key: str) -> str:
+        """``<label>_seed<s>-<config id>``: stable across reruns; the suffix is the trainer's ``config_id``
+        (config without seed and device, plus the cache key), so every seed of a configuration shares it."""
+        from pipeline.train import config_id
+
+        return f"{self.label}_seed{self.config.seed}-{config_id(config=self.config, cache_key=cache_key)[:8]}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep trains, validated at construction (an invalid spec cannot exist).
+
+    ``grids``: sub-grids, each ``{axis: (values...)}`` with an ``arch`` axis; the sweep is the union
+    of their products. ``train`` / ``params``: fixed TrainConfig options / head params of every trial.
+    """
+
+    grids: tuple[Mapping[str, tuple[Any, ...]], ...]
+    name: str = "sweep"  # prefix of the sweep id
+    seeds: tuple[int, ...] = (0,)  # every configuration runs once per seed
+    train: Mapping[str, Any] = field(default_factory=dict)  # fixed TrainConfig options (epochs, batch_size, ...)
+    params: Mapping[str, Any] = field(default_factory=dict)  # fixed head params
+    target: str | None = None  # targets/<name>; None = the cache's only target
+    task: str | None = None  # classify | regress; None = from the head or the target
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"sweep name {self.name!r}: use letters, digits, '_', '-', '.'")
+        if not self.grids:
+            raise ConfigError("the sweep has no grid: give --arch (and --set axes) or a config with `grid:`")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct and non-empty; got {list(self.seeds)}")
+        bad_train = sorted(set(self.train) - set(TRAIN_KEYS))
+        if bad_train:
+            raise ConfigError(f"train: unknown option(s) {bad_train}; TrainConfig takes {sorted(TRAIN_KEYS)}")
+        for i, grid in enumerate(self.grids):
+            if "arch" not in grid:
+                raise ConfigError(f"grid[{i}] has no `arch` axis (which heads to train)")
+            if "seed" in grid:
+                raise ConfigError("`seed` is not a grid axis: use `seeds: N` (or --seeds N)")
+            if "params" in grid:
+                raise ConfigError("grid axes are head params directly (hidden: [96, 144]), not under `params`")
+        self.trials()  # builds (and so validates) every TrainConfig and every head's params
+
+    # -- expansion ---------------------------------------------------------------------------
+
+    def trials(self) -> list[Trial]:
+        """Every configuration x seed, in grid order then seed order. Duplicates (same resolved config) once."""
+        from pipeline.registry import HEADS
+
+        out: list[Trial] = []
+        seen: set[str] = set()
+        for grid in self.grids:
+            axes = list(grid)
+            for values in itertools.product(*(grid[a] for a in axes)):
+                point = dict(zip(axes, values))
+                train = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}}
+                params = {**self.params, **{k: v for k, v in point.items() if k not in TRAIN_KEYS}}
+                swept = tuple((k, v) for k, v in point.items() if k != "arch")
+                for seed in self.seeds:
+                    data = {"target": self.target, "task": self.task, "device": self.device, **train,
+                            "params": params, "seed": seed}
+                    config = cfg.build(cfg.TrainConfig, {k: v for k, v in data.items() if v is not None},
+                                       source=f"sweep {self.name!r} grid point {point}")
+                    family = HEADS.get(config.arch)  # unknown head -> ConfigError listing the heads
+                    family.resolve_params(config.params)  # unknown head param -> ConfigError naming it
+                    if config.task is not None and config.task not in family.tasks:
+                        raise ConfigError(f"head {config.arch!r} does not do {config.task}; it does {family.tasks}")
+                    key = json.dumps(cfg.to_dict(config), sort_keys=True, default=str)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Trial(config=config, swept=swept))
+        return out
+
+    # -- records -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "task": self.task,
+            "device": self.device,
+            "seeds": list(self.seeds),
+            "train": dict(self.train),
+            "params": dict(self.params),
+            "grid": [{k: list(v) for k, v in g.items()} for g in self.grids],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "sweep spec") -> "SweepSpec":
+        unknown = sorted(set(data) - set(SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; a sweep spec takes {list(SPEC_KEYS)}")
+        grid = data.get("grid")
+        if isinstance(grid, Mapping):
+            grid = [grid]
+        if not isinstance(grid, list) or not all(isinstance(g, Mapping) for g in grid):
+            raise ConfigError(f"{source}: `grid` must be a mapping of axes or a list of them")
+        for key in ("train", "params"):
+            if not isinstance(data.get(key) or {}, Mapping):
+                raise ConfigError(f"{source}: `{key}` must be a mapping")
+        seeds = data.get("seeds", 1)
+        return cls(
+            grids=tuple({str(k): _axis_values(str(k), v) for k, v in g.items()} for g in grid),
+            name=str(data.get("name") or "sweep"),
+            seeds=_parse_seeds(seeds, source=source),
+            train={k: _coerce(v) for k, v in (data.get("train") or {}).items()},
+            params={k: _coerce(v) for k, v in (data.get("params") or {}).items()},
+            target=data.get("target"),
+            task=data.get("task"),
+            device=data.get("device") or "auto",
+        )
+
+    def sweep_id(self, cache_keys: Sequence[str]) -> str:
+        """Stable id of (spec, caches): rerunning the same sweep updates the same record."""
+        return f"{self.name}-{_digest({'spec': self.to_dict(), 'caches': sorted(cache_keys)})}"
+
+
+def _parse_seeds(seeds: Any, *, source: str) -> tuple[int, ...]:
+    """``seeds: N`` -> 0..N-1; ``seeds: [0, 7]`` -> those seeds."""
+    if isinstance(seeds, bool):
+        raise ConfigError(f"{source}: seeds must be a count or a list of seeds; got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"{source}: seeds must be >= 1; got {seeds}")
+        return tuple(range(seeds))
+    if isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        return tuple(seeds)
+    raise ConfigError(f"{source}: seeds must be a count or a list of integers; got {seeds!r}")
+
+
+def sweep_spec_from_cli(*, config_path: str | None, arch: str | None, sets: Sequence[str], seeds: int | None,
+                        epochs: int | None, target: str | None, task: str | None,
+                        device: str | None) -> SweepSpec:
+    """defaults < sweep YAML < command line.
+
+    Without ``config_path``: one grid ``{arch: --arch values, axis: --set values...}``. With it:
+    ``--arch`` keeps only the sub-grids (and arch values) named; ``--set`` replaces that axis in
+    every sub-grid; ``--seeds`` / ``--epochs`` / ``--target`` / ``--task`` / ``--device`` override.
+    """
+    axes: dict[str, tuple[Any, ...]] = {}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=v1,v2,..., e.g. --set hidden=96,144,288")
+        key, raw = item.split("=", 1)
+        axes[key.strip()] = parse_axis(raw)
+    archs = tuple(a.strip() for a in arch.split(",") if a.strip()) if arch else ()
+
+    if config_path:
+        data = cfg.read_yaml(config_path)
+        data.setdefault("name", Path(config_path).stem.replace("_", "-"))
+        spec = SweepSpec.from_dict(data, source=str(config_path))
+        grids = list(spec.grids)
+        if archs:
+            grids = [{**g, "arch": tuple(a for a in g["arch"] if a in archs)} for g in grids]
+            grids = [g for g in grids if g["arch"]]
+            if not grids:
+                raise ConfigError(f"--arch {arch}: {config_path} has no sub-grid with those heads")
+        grids = [{**g, **axes} for g in grids]
+    else:
+        if not archs:
+            raise ConfigError("give --config configs/sweeps/NAME.yaml or --arch NAME[,NAME...] (with --set axes)")
+        spec = SweepSpec(grids=({"arch": archs, **axes},))
+        grids = list(spec.grids)
+    train = dict(spec.train)
+    if epochs is not None:
+        train["epochs"] = epochs
+    return dataclasses.replace(
+        spec,
+        grids=tuple(grids),
+        seeds=tuple(range(seeds)) if seeds is not None else spec.seeds,
+        train=train,
+        target=target if target is not None else spec.target,
+        task=task if task is not None else spec.task,
+        device=device if device is not None else spec.device,
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    sweep_id: str
+    record: Path  # runs/sweeps/<sweep_id>.json
+    run_ids: tuple[str, ...]  # every run of the sweep (trained now or found recorded), cache by cache
+    trained: tuple[str, ...]
+    skipped: tuple[str, ...]  # already recorded for the same cache key (resume)
+    caches: tuple[dict[str, Any], ...]  # ref, key, path, load_seconds, arrays
+    groups: tuple[dict[str, Any], ...]  # per trained group: arch, k, strategy, measured step seconds, seconds
+    seconds: float
+    leaderboard: tuple[dict[str, Any], ...]  # results.leaderboard rows over exactly these runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sweep_id": self.sweep_id, "record": str(self.record), "run_ids": list(self.run_ids),
+                "trained": list(self.trained), "skipped": list(self.skipped), "caches": list(self.caches),
+                "groups": list(self.groups), "seconds": self.seconds, "leaderboard": list(self.leaderboard)}
+
+    def summary(self) -> str:
+        from pipeline.results import format_leaderboard
+
+        chosen: dict[str, int] = {}
+        for g in self.groups:
+            chosen[g["strategy"]] = chosen.get(g["strategy"], 0) + g["k"]
+        how = ", ".join(f"{n} {s}" for s, n in chosen.items()) or "nothing to train"
+        lines = [f"sweep {self.sweep_id}: {len(self.run_ids)} runs over {len(self.caches)} cache(s); "
+                 f"trained {len(self.trained)} ({how}), skipped {len(self.skipped)} already recorded; "
+                 f"{self.seconds:.1f} s",
+                 format_leaderboard(list(self.leaderboard[:10]), fmt="table"),
+                 f"record: {self.record}   report: ftpipe report --sweep {self.sweep_id} --out report/"]
+        return "\n".join(lines)
+
+
+def sweep_leaderboard(*, runs_dir: Path, run_ids: Sequence[str], sort: str | None = None) -> list[dict[str, Any]]:
+    """``results.leaderboard`` restricted to ``run_ids`` (mean/std over seeds per configuration x cache).
+
+    Filtering by sweep id is not enough: a resumed or widened sweep (more seeds -> a new sweep id)
+    reuses runs recorded under an older id. So the ranking runs over a scratch results table that
+    links exactly these runs' rows: the same code as ``ftpipe results``, no second implementation.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.results import RESULTS_SUBDIR, leaderboard
+
+    src = Path(runs_dir) / RESULTS_SUBDIR
+    with tempfile.TemporaryDirectory(prefix="ftpipe-board-") as tmp:
+        dst = Path(tmp) / RESULTS_SUBDIR
+        dst.mkdir()
+        for rid in dict.fromkeys(run_ids):
+            f = src / f"{rid}.parquet"
+            if f.exists():
+                try:
+                    os.symlink(f.resolve(), dst / f.name)
+                except OSError:  # filesystems without symlinks
+                    shutil.copyfile(f, dst / f.name)
+        return leaderboard(runs_dir=Path(tmp), sort=sort)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)  # readers (a report written mid-sweep) never see half a record
+
+
+def _stack_key(config: cfg.TrainConfig) -> str:
+    """Trials with the same key build same-shaped heads and share one training loop (lr, decay, seed may differ)."""
+    d = cfg.to_dict(config)
+    for k in ("lr", "weight_decay", "seed", "device", "memory_budget_gb"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+@dataclass
+class _Plan:
+    """Per cache: which trials run and which are already recorded (mutable bookkeeping, private)."""
+
+    reader: Any
+    key: str
+    todo: list[tuple[Trial, str]] = field(default_factory=list)  # (trial, run id)
+    done: list[tuple[Trial, str]] = field(default_factory=list)
+
+
+def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: SweepSpec, runs_dir: Path,
+              strategy: str = "auto", progress: bool = False,
+              on_run: Callable[[str], None] | None = None) -> SweepResult:
+    """Train every trial of ``spec`` on every cache, each cache loaded once; record runs and the sweep.
+
+    ``on_run(run_id)`` is called after each run is recorded (progress hooks, tests).
+    """
+    from cache.reader import open_cache
+    from pipeline import results as R
+    from pipeline import train as T
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if not cache_refs:
+        raise ConfigError("give at least one --cache")
+    t_start = time.perf_counter()
+    runs_dir = Path(runs_dir)
+    device = cfg.resolve_device(spec.device)
+    readers: dict[str, Any] = {}
+    refs: dict[str, str] = {}
+    for ref in cache_refs:  # open all first: a missing or incomplete cache fails before any training
+        reader = open_cache(ref, root=cache_root)
+        if reader.key in readers:
+            log.warning("cache %s given twice (as %s and %s); using it once", reader.key[:16], refs[reader.key], ref)
+            continue
+        readers[reader.key], refs[reader.key] = reader, str(ref)
+    sweep_id = spec.sweep_id(list(readers))
+    trials = spec.trials()
+
+    # Already recorded: by this sweep's own run id, or any run of the same configuration, seed and cache
+    # (e.g. from `ftpipe train-head` or a sweep with fewer seeds): both count as done.
+    recorded = {(r.get("cache_key"), r.get("config_id"), r.get("seed")): r["run_id"]
+                for r in R.read_results(runs_dir=runs_dir)}
+    plans: list[_Plan] = []
+    for key, reader in readers.items():
+        plan = _Plan(reader=reader, key=key)
+        for trial in trials:
+            rid = trial.run_id(key)
+            cid = T.config_id(config=trial.config, cache_key=key)
+            if (runs_dir / R.RESULTS_SUBDIR / f"{rid}.parquet").exists():
+                plan.done.append((trial, rid))
+            elif (key, cid, trial.config.seed) in recorded:
+                plan.done.append((trial, recorded[(key, cid, trial.config.seed)]))
+            else:
+                plan.todo.append((trial, rid))
+        plans.append(plan)
+
+    record_path = runs_dir / "sweeps" / f"{sweep_id}.json"
+    previous = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record: dict[str, Any] = {
+        "sweep_id": sweep_id, "status": "running", "created": previous.get("created") or _now(), "updated": _now(),
+        "spec": spec.to_dict(), "strategy": strategy, "device": str(device),
+        "caches": [{"ref": refs[p.key], "key": p.key, "path": str(p.reader.path), "runs": len(p.todo) + len(p.done),
+                    "skipped": len(p.done)} for p in plans],
+        "run_ids": [rid for p in plans for _, rid in p.done + p.todo],
+        "trained": [], "skipped": [rid for p in plans for _, rid in p.done],
+        "groups": [], "timings": {"load_seconds": 0.0, "measure_seconds": 0.0, "train_seconds": 0.0},
+        "previous_attempts": previous.get("previous_attempts", []) + ([{
+            k: previous.get(k) for k in ("status", "updated", "trained", "timings")}] if previous else []),
+    }
+    _write_json(record_path, record)
+    n_todo = sum(len(p.todo) for p in plans)
+    log.info("sweep %s: %d trials x %d cache(s); %d to train, %d already recorded; device %s", sweep_id,
+             len(trials), len(plans), n_todo, len(record["skipped"]), device)
+
+    def recorded_run(run: Any) -> None:
+        record["trained"].append(run.run_id)
+        record["updated"] = _now()
+        _write_json(record_path, record)
+        if on_run is not None:
+            on_run(run.run_id)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_todo, desc=f"sweep {spec.name}", unit="run", disable=not progress)
+    try:
+        for plan in plans:
+            if not plan.todo:
+                continue  # nothing left on this cache: do not even load it
+            _run_cache(plan=plan, spec=spec, runs_dir=runs_dir, device=device, strategy=strategy, sweep_id=sweep_id,
+                       record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1)))
+        record["status"] = "complete"
+    except BaseException:
+        record["status"] = "interrupted"  # rerun the same command: recorded runs are skipped
+        raise
+    finally:
+        bar.close()
+        record["updated"] = _now()
+        record["timings"]["total_seconds"] = time.perf_counter() - t_start
+        _write_json(record_path, record)
+    board = sweep_leaderboard(runs_dir=runs_dir, run_ids=record["run_ids"])
+    return SweepResult(sweep_id=sweep_id, record=record_path, run_ids=tuple(record["run_ids"]),
+                       trained=tuple(record["trained"]), skipped=tuple(record["skipped"]),
+                       caches=tuple(record["caches"]), groups=tuple(record["groups"]),
+                       seconds=time.perf_counter() - t_start, leaderboard=tuple(board))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, strategy: str, sweep_id: str,
+               record: dict[str, Any], on_recorded: Callable[[Any], None]) -> None:
+    """Load one cache once (the union of what its heads read) and train its pending trials."""
+    import shutil
+
+    from pipeline import train as T
+
+    available = tuple(s.name for s in plan.reader.arrays())
+    arrays: list[str] = []
+    targets: list[str] = []
+    for trial, _ in plan.todo:
+        arrays += [a for a in T.head_inputs(config=trial.config, available=available) if a not in arrays]
+        t = T.resolve_target(config=trial.config, available=available)
+        targets += [t] if t not in targets else []
+    t0 = time.perf_counter()
+    features = T.load_features(cache=plan.reader, arrays=arrays, targets=targets, device=device,
+                               memory_budget_gb=spec.train.get("memory_budget_gb"))
+    load_seconds = time.perf_counter() - t0
+    record["timings"]["load_seconds"] += load_seconds
+    for c in record["caches"]:
+        if c["key"] == plan.key:
+            c.update(load_seconds=load_seconds, arrays=arrays + [f"targets/{t}" for t in targets])
+
+    groups: dict[str, list[tuple[Trial, str]]] = {}
+    for trial, rid in plan.todo:
+        groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
+    for members in groups.values():
+        for _, rid in members:
+            # A folder without its results row is a run cut short while being written: redo it.
+            if (runs_dir / rid).exists():
+                log.warning("removing incomplete run folder %s (no results row) before training it again", rid)
+                shutil.rmtree(runs_dir / rid)
+        t_group = time.perf_counter()
+        chosen, measured, why = _choose_strategy(members=[t for t, _ in members], features=features, device=device,
+                                                 strategy=strategy)
+        record["timings"]["measure_seconds"] += measured.get("measure_seconds", 0.0)
+        info = {"cache_key": plan.key, "arch": members[0][0].config.arch, "k": len(members),
+                "run_ids": [rid for _, rid in members], "strategy": chosen, "why": why, "measured": measured}
+        record["groups"].append(info)
+        if chosen == "stacked":
+            fits = fit_group_stacked(configs=[t.config for t, _ in members], features=features)
+            for (trial, rid), fit_result in zip(members, fits):
+                on_recorded(T.write_run(fit_result=fit_result, features=features, runs_dir=runs_dir,
+                                        sweep_id=sweep_id, run_id=rid))
+        else:
+            for trial, rid in members:
+                fit_result = T.fit(config=trial.config, features=features)
+                on_recorded(T.write_run(fit_result=fit_result, features=features, runs_dir=runs_dir,
+                                        sweep_id=sweep_id, run_id=rid))
+        info["seconds"] = time.perf_counter() - t_group
+        record["timings"]["train_seconds"] += info["seconds"]
+
+
+# --------------------------------------------------------------------------- stacking
+
+
+def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tuple[str | None, Any]:
+    """Why these configs cannot be stacked (None if they can), and the resolved task when they can."""
+    from pipeline import train as T
+    from pipeline.registry import HEADS
+
+    if len(configs) < 2:
+        return "a group of one", None
+    family = HEADS.get(configs[0].arch)
+    if family.kind != "torch":
+        return f"{family.name} is not a torch head", None
+    target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
+    train_rows = features.rows("train")
+    task = T.resolve_task(config=configs[0], features=features, target=target, train_rows=train_rows)
+    y = task.encode(features.targets[target]).index_select(0, train_rows)
+    if bool((~task.valid(y)).any()):
+        # the trainer's masked loss indexes by a data-dependent mask, which vmap cannot batch
+        return "some train targets are missing (masked loss)", task
+    return None, task
+
+
+def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
+                     strategy: str) -> tuple[str, dict[str, float], str]:
+    """-> (stacked | in-turn, what was measured, why). ``auto`` measures a few steps of both ways."""
+    if strategy == "in-turn":
+        return "in-turn", {}, "asked for"
+    configs = [t.config for t in members]
+    problem, task = _stack_problem(configs=configs, features=features)
+    if problem is not None:
+        if strategy == "stacked" and len(configs) > 1:
+            log.info("%s x%d: trained in turn, cannot stack: %s", configs[0].arch, len(configs), problem)
+        return "in-turn", {}, f"cannot stack: {problem}"
+    if strategy == "stacked":
+        return "stacked", {}, "asked for"
+    from pipeline import stacked as S
+    from pipeline import train as T
+
+    c0 = configs[0]
+    n_train = int(features.rows("train").numel())
+    train_steps = c0.epochs * max(1, -(-n_train // min(c0.batch_size, n_train)))
+    if train_steps < MEASURE_MIN_TRAIN_STEPS:
+        # Measuring costs 2 x (MEASURE_STEPS + 1) steps; on a short run that is a good part of the run itself.
+        chosen = "stacked" if device.type == "cuda" else "in-turn"
+        return chosen, {}, (f"{train_steps} steps per head: too short to be worth measuring; "
+                            f"default on {device.type}")
+    t0 = time.perf_counter()
+    heads = [T.build_head(config=c, features=features, task=task) for c in configs]
+    target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
+    y_all = task.encode(features.targets[target])
+    inputs = heads[0].inputs
+    measured = S.measure_step_seconds(
+        modules=[h.module for h in heads], batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all,
+        train_rows=features.rows("train"), loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
+        batch_size=configs[0].batch_size, device=device, autocast=device.type == "cuda", steps=MEASURE_STEPS)
+    measured["measure_seconds"] = time.perf_counter() - t0
+    chosen = "stacked" if measured["stacked"] < measured["in_turn"] else "in-turn"
+    why = (f"measured {measured['stacked'] * 1e3:.1f} ms/step stacked vs {measured['in_turn'] * 1e3:.1f} ms/step "
+           f"in turn for {len(configs)} heads at batch {measured['batch_size']}")
+    log.info("%s x%d on %s: %s -> %s", configs[0].arch, len(configs), device, why, chosen)
+    return chosen, measured, why
+
+
+def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> list[Any]:
+    """Train same-shaped torch heads together (``pipeline.stacked``); one ``train.FitResult`` per config.
+
+    Each head is built exactly as ``train.fit`` builds it (same seed, so the same initial weights),
+    trained by the stacked loop that mirrors ``train.fit_module``, then evaluated and returned like
+    an in-turn fit, so records cannot tell the two apart except by the sweep record's strategy.
+    """
+    import functools
+    import math as _math
+
+    import torch
+
+    from pipeline import metrics as M
+    from pipeline import stacked as S
+    from pipeline import train as T
+
+    t0 = time.perf_counter()
+    problem, task = _stack_problem(configs=configs, features=features)
+    if problem is not None and len(configs) > 1:
+        raise ConfigError(f"cannot stack these heads: {problem}")
+    c0 = configs[0]
+    if any(_stack_key(c) != _stack_key(c0) for c in configs):
+        raise ConfigError("stacked heads must share arch, params and loop options (only lr, weight_decay, seed differ)")
+    target = T.resolve_target(config=c0, available=[f"targets/{t}" for t in features.targets])
+    train_rows, val_rows = features.rows("train"), features.rows(c0.select_split)
+    if task is None:
+        task = T.resolve_task(config=c0, features=features, target=target, train_rows=train_rows)
+    heads = [T.build_head(config=c, features=features, task=task) for c in configs]
+    inputs = tuple(heads[0].inputs)
+    y_all = task.encode(features.targets[target])
+    y_val_raw = features.targets[target].index_select(0, val_rows).cpu().numpy()
+    val_masked = bool((~task.valid(y_all.index_select(0, val_rows))).any())
+    n = int(train_rows.numel())
+    bs = min(c0.batch_size, n)
+    drop_single = T._has_batchnorm(heads[0].module)
+    steps_per_epoch = max(1, _math.ceil(n / bs) - (1 if drop_single and n % bs == 1 and n > 1 else 0))
+    total = steps_per_epoch * c0.epochs
+    warmup = max(1, int(round(c0.warmup_epochs * steps_per_epoch)))
+    loop = S.LoopConfig(epochs=c0.epochs, batch_size=bs, grad_clip=c0.grad_clip, patience=c0.patience,
+                        drop_single_last=drop_single, autocast=features.device.type == "cuda",
+                        lr_lambda=functools.partial(T.lr_factor, warmup_steps=warmup, total_steps=total))
+    torch.manual_seed(c0.seed)  # dropout masks (drawn per member from one stream; see pipeline.stacked)
+
+    def epoch_metrics(i: int, out: torch.Tensor) -> dict[str, float]:
+        pred = task.decode(out).cpu().numpy()
+        return {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}
+
+    results = S.fit_stacked(
+        modules=[h.module for h in heads], members=[S.Member(lr=c.lr, weight_decay=c.weight_decay, seed=c.seed)
+                                                     for c in configs],
+        batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all, train_rows=train_rows, val_rows=val_rows,
+        loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
+        val_loss_fn=lambda out, t: task.loss_fn(out, t, masked=val_masked),
+        loop=loop, device=features.device, epoch_metrics=epoch_metrics)
+    train_seconds = (time.perf_counter() - t0) / len(configs)
+    out = []
+    for config, head, r in zip(configs, heads, results):
+        t1 = time.perf_counter()
+        head.module.load_state_dict(r.state_dict)
+        head.module.eval()
+        metrics, preds = T.evaluate(head=head, features=features, target=target)
+        out.append(T.FitResult(config=config, head=head, task=task, target=target, inputs=inputs, history=r.history,
+                               metrics=metrics, predictions=preds,
+                               seconds=train_seconds + time.perf_counter() - t1, select_split=config.select_split))
+    return out

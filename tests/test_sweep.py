@@ -1,0 +1,245 @@
+"""Sweeps: grid expansion, a 12-configuration sweep on a tiny cache, seeds and several caches, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.sweep import SweepSpec, parse_axis, run_sweep, sweep_spec_from_cli
+
+
+def tiny_cache(root: Path, *, n: int = 240, d: int = 8, seed: int = 0) -> str:
+    """A complete cache with ``pooled/mean`` (n, d), a binary ``targets/label`` and a real ``targets/y``.
+    Different seeds give different features (two "backbones" over the same samples). Returns the key."""
+    from cache.key import make_key
+    from cache.schema import ArraySpec, CacheSchema
+    from cache.writer import CacheWriter, create_cache
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = np.random.default_rng(99).standard_normal(d)  # same task for every seed
+    logit = x @ w + 0.5 * rng.standard_normal(n)
+    schema = CacheSchema(n_samples=n, arrays=(
+        ArraySpec("sample_id", "int64"),
+        ArraySpec("split", "uint8"),
+        ArraySpec("targets/label", "float32", fill=float("nan")),
+        ArraySpec("targets/y", "float32", fill=float("nan")),
+        ArraySpec("pooled/mean", "float32", (d,), meaning="mean-pooled embedding"),
+    ), ragged_lengths={})
+    record = {"test": "sweep", "n": n, "d": d, "seed": seed}
+    key = make_key(record)
+    path = create_cache(root=root, key=key, key_record=record, schema=schema, attrs={"backbone": "test"})
+    with CacheWriter(path, background=False) as writer:
+        writer.write_batch(0, {
+            "sample_id": np.arange(n, dtype=np.int64),
+            "split": (np.arange(n) % 5 // 3 + (np.arange(n) % 5 == 4)).astype(np.uint8),  # 3/5 train, 1/5 val, 1/5 test
+            "targets/label": (logit > 0).astype(np.float32),
+            "targets/y": (logit * 2.0 + 5.0).astype(np.float32),
+            "pooled/mean": x,
+        })
+        assert writer.finalize()
+    return key
+
+
+def _spec(**kw) -> SweepSpec:
+    base = dict(config_path=None, arch=None, sets=(), seeds=None, epochs=None, target=None, task=None, device="cpu")
+    base.update(kw)
+    return sweep_spec_from_cli(**base)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_axis_values_split_at_top_level_commas():
+    assert parse_axis("96,144,288") == (96, 144, 288)
+    assert parse_axis("1e-3,3e-4") == (0.001, 0.0003)  # YAML 1.1 reads 1e-3 as text: coerced
+    assert parse_axis("[256,128,64],[128]") == ([256, 128, 64], [128])
+    assert parse_axis("batch,layer") == ("batch", "layer")
+
+
+def test_cli_grid_routes_training_options_and_head_params():
+    spec = _spec(arch="mlp2,mlp3", sets=("hidden=96,144,288", "lr=1e-3,3e-4"), seeds=2, epochs=4)
+    trials = spec.trials()
+    assert len(trials) == 2 * 3 * 2 * 2
+    t = trials[0]
+    assert (t.config.arch, t.config.params, t.config.lr, t.config.epochs, t.config.seed) == ("mlp2", {"hidden": 96}, 1e-3, 4, 0)
+    assert t.label == "mlp2_hidden96_lr0.001"
+    rid = t.run_id("k" * 64)
+    assert rid.startswith("mlp2_hidden96_lr0.001_seed0-") and rid == t.run_id("k" * 64)
+    other_seed = next(x for x in trials if x.label == t.label and x.config.seed == 1)
+    assert other_seed.run_id("k" * 64).split("-")[-1] == rid.split("-")[-1]  # the config id: shared by seeds
+    assert t.run_id("j" * 64) != rid  # another cache, another run
+
+
+def test_yaml_sweep_union_of_subgrids_and_cli_overrides(tmp_path: Path):
+    y = tmp_path / "s.yaml"
+    y.write_text(
+        "# ftpipe sweep --cache KEY --config s.yaml\n"
+        "name: probe\nseeds: 2\ntrain: {epochs: 5, batch_size: 64}\n"
+        "grid:\n"
+        "  - {arch: linear, lr: [1.0e-3, 1e-2]}\n"
+        "  - {arch: mlp, hidden: [[32, 16], [16]], dropout: 0.0}\n"
+    )
+    spec = sweep_spec_from_cli(config_path=str(y), arch=None, sets=(), seeds=None, epochs=None, target=None,
+                               task=None, device=None)
+    assert spec.name == "probe" and len(spec.trials()) == (2 + 2) * 2
+    mlp = [t for t in spec.trials() if t.config.arch == "mlp"]
+    assert mlp[0].config.params == {"hidden": [32, 16], "dropout": 0.0} and mlp[0].config.batch_size == 64
+    assert mlp[0].label == "mlp_hidden32-16_dropout0"
+    only = sweep_spec_from_cli(config_path=str(y), arch="linear", sets=("lr=3e-4",), seeds=1, epochs=2,
+                               target=None, task=None, device=None)
+    assert [(t.config.arch, t.config.lr, t.config.epochs) for t in only.trials()] == [("linear", 3e-4, 2)]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(arch="mlp2", sets=("hiden=8",)), "hiden"),  # misspelt head param: named
+    (dict(arch="nope"), "unknown head"),
+    (dict(arch="mlp2", sets=("lr=-1",)), "lr"),
+    (dict(arch="mlp2", sets=("seed=1,2",)), "seeds"),
+    (dict(arch=None), "--arch"),
+])
+def test_invalid_specs_say_what_is_wrong(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _spec(**kw)
+
+
+def test_unknown_spec_key_is_an_error():
+    with pytest.raises(ConfigError, match="grids"):
+        SweepSpec.from_dict({"grids": [{"arch": "linear"}]})
+
+
+def test_sweep_configs_in_repo_expand():
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        assert path.read_text().startswith("# ftpipe sweep ")
+        spec = sweep_spec_from_cli(config_path=str(path), arch=None, sets=(), seeds=None, epochs=None, target=None,
+                                   task=None, device=None)
+        assert spec.trials()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _result_rows(runs: Path) -> list[dict]:
+    from pipeline.results import read_results
+
+    return read_results(runs_dir=runs)
+
+
+def test_twelve_configuration_sweep_records_twelve_runs_and_ranks_them(tmp_path: Path):
+    key = tiny_cache(tmp_path / "cache")
+    # hidden is not a linear param: per-head axes need sub-grids (as in configs/sweeps/*.yaml)
+    spec = SweepSpec(name="twelve", device="cpu", target="label", train={"epochs": 3, "batch_size": 32},
+                     grids=({"arch": ("linear",), "lr": (1e-3, 3e-3, 1e-2, 3e-2)},
+                            {"arch": ("mlp",), "hidden": ([16], [16, 16]), "lr": (1e-3, 3e-3, 1e-2, 3e-2)}))
+    assert len(spec.trials()) == 12
+    runs = tmp_path / "runs"
+    result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=runs, strategy="auto")
+    assert len(result.run_ids) == 12 and len(result.trained) == 12 and not result.skipped
+    rows = _result_rows(runs)
+    assert len(rows) == 12 and {r["sweep_id"] for r in rows} == {result.sweep_id}
+    for rid in result.run_ids:
+        d = runs / rid
+        assert all((d / f).exists() for f in ("config.yaml", "head.safetensors", "history.parquet", "metrics.json",
+                                              "predictions.parquet"))
+    board = result.leaderboard
+    assert [g["rank"] for g in board] == list(range(1, 13)) and board[0]["sort"] == "val_auroc"
+    aurocs = [g["val_auroc"] for g in board]
+    assert aurocs == sorted(aurocs, reverse=True)
+    record = json.loads(result.record.read_text())
+    assert record["status"] == "complete" and record["run_ids"] == list(result.run_ids)
+    assert {g["strategy"] for g in record["groups"]} <= {"stacked", "in-turn"} and record["groups"]
+    assert all("why" in g for g in record["groups"])
+    assert "twelve-" in result.summary() and result.to_dict()["sweep_id"] == result.sweep_id
+
+
+def test_seeds_and_two_caches_side_by_side(tmp_path: Path):
+    root = tmp_path / "cache"
+    keys = [tiny_cache(root, seed=0), tiny_cache(root, seed=1)]
+    spec = SweepSpec(name="side", device="cpu", target="y", seeds=(0, 1), train={"epochs": 2, "batch_size": 64},
+                     grids=({"arch": ("linear", "mlp3")},), params={})
+    result = run_sweep(cache_refs=keys, cache_root=root, spec=spec, runs_dir=tmp_path / "runs", strategy="stacked")
+    assert len(result.run_ids) == 2 * 2 * 2
+    board = result.leaderboard
+    assert len(board) == 4 and {g["cache_key"] for g in board} == set(keys)
+    assert all(g["n_runs"] == 2 and g["seeds"] == [0, 1] for g in board)
+    assert all("val_mse_std" in g and g["val_mse_std"] >= 0 for g in board)
+    groups = {(g["cache_key"], g["arch"]): g for g in json.loads(result.record.read_text())["groups"]}
+    assert groups[(keys[0], "mlp3")]["strategy"] == "stacked" and groups[(keys[0], "mlp3")]["k"] == 2
+
+
+def test_interrupted_sweep_resumes_and_skips_finished_runs(tmp_path: Path, monkeypatch):
+    from pipeline import train as T
+
+    key = tiny_cache(tmp_path / "cache")
+    spec = SweepSpec(name="resume", device="cpu", target="label", train={"epochs": 2},
+                     grids=({"arch": ("linear",), "lr": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},))
+    runs = tmp_path / "runs"
+    real_write = T.write_run
+    calls = {"n": 0}
+
+    def failing_write(**kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            (runs / kw["run_id"]).mkdir(parents=True)  # a folder cut short before its results row
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-sweep
+        return real_write(**kw)
+
+    monkeypatch.setattr(T, "write_run", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=runs, strategy="in-turn")
+    sweep_id = spec.sweep_id([key])
+    record = json.loads((runs / "sweeps" / f"{sweep_id}.json").read_text())
+    assert record["status"] == "interrupted" and len(record["trained"]) == 2 and len(_result_rows(runs)) == 2
+
+    monkeypatch.setattr(T, "write_run", real_write)
+    trained_now: list[str] = []
+    result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=runs, strategy="in-turn",
+                       on_run=trained_now.append)
+    assert set(result.skipped) == set(record["trained"]) and len(trained_now) == 3
+    assert len(_result_rows(runs)) == 5 and len(result.leaderboard) == 5
+    record = json.loads(result.record.read_text())
+    assert record["status"] == "complete" and record["previous_attempts"][0]["status"] == "interrupted"
+
+    again = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=runs)
+    assert not again.trained and len(again.skipped) == 5  # nothing left: the cache is not even loaded
+
+
+def test_cli_sweep_prints_json_with_sweep_id(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    key = tiny_cache(tmp_path / "cache")
+    args = ["sweep", "--cache", key[:12], "--cache-root", str(tmp_path / "cache"), "--arch", "linear,mlp2",
+            "--set", "lr=1e-3,1e-2", "--epochs", "2", "--target", "label", "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs"), "--json"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output.strip().splitlines()[-1])
+    assert data["sweep_id"].startswith("sweep-") and len(data["run_ids"]) == 4
+    text = CliRunner().invoke(main, args[:-1])  # rerun, human summary: all skipped
+    assert text.exit_code == 0 and "skipped 4" in text.output
+
+
+def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkeypatch, caplog):
+    import logging
+
+    from pipeline import sweep as SW
+
+    monkeypatch.setattr(SW, "MEASURE_MIN_TRAIN_STEPS", 0)  # the tiny run would otherwise not be worth measuring
+    key = tiny_cache(tmp_path / "cache")
+    spec = SweepSpec(name="auto", device="cpu", target="label", train={"epochs": 1},
+                     grids=({"arch": ("linear",), "lr": (1e-3, 1e-2)},))
+    with caplog.at_level(logging.INFO, logger="pipeline.sweep"):
+        result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs")
+    (group,) = result.groups
+    assert group["measured"]["stacked"] > 0 and group["measured"]["in_turn"] > 0
+    faster = "stacked" if group["measured"]["stacked"] < group["measured"]["in_turn"] else "in-turn"
+    assert group["strategy"] == faster and "ms/step" in group["why"]
+    assert any("ms/step" in r.message for r in caplog.records)
