@@ -71,12 +71,14 @@ def plan_layout(
     n = schema.n_samples
     dense = [a for a in schema.arrays if a.ragged is None]
     widest = max([a.row_bytes for a in dense] + [16])  # the (N, 2) int64 index arrays are dense too
-    cap = max(1, _pow2_floor(DENSE_CHUNK_BYTES / widest))
-    cap = min(cap, 1 << max(0, (n - 1).bit_length()))  # a small cache gets no chunk larger than itself
     mean_ragged = {g: float(lens.mean()) for g, lens in schema.ragged_lengths.items()}
     sample_bytes = sum(a.row_bytes for a in dense) + sum(
         a.row_bytes * mean_ragged[a.ragged] for a in schema.arrays if a.ragged is not None
     )
+    cap = max(1, _pow2_floor(DENSE_CHUNK_BYTES / widest))
+    # A unit is a whole number of chunks: keep chunks small enough that a ~UNIT_BYTES unit (and
+    # so several units, for resume and overlap) is possible, and no larger than the cache itself.
+    cap = min(cap, _pow2_floor(UNIT_BYTES / max(1.0, sample_bytes)), 1 << max(0, (n - 1).bit_length()))
     if shard_rows is not None:
         if shard_rows <= 0:
             raise CacheError(f"shard_rows must be positive; got {shard_rows}")

@@ -27,7 +27,7 @@ def verify_cache(path: Path) -> VerifyReport:
     """Re-read every committed unit and compare sha256 of every array with its commit record."""
     import zarr
 
-    from cache.reader import _read_uncompressed_chunks
+    from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
     from cache.writer import read_meta
 
     path = Path(path)

@@ -33,6 +33,7 @@ from cache.errors import CacheError
 from cache.key import cache_path
 from cache.layout import Unit
 from cache.lock import StoreLock, meta_lock
+from cache.rawio import write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 
 log = logging.getLogger(__name__)
@@ -403,8 +404,10 @@ class CacheWriter:
             else:
                 lo = self._extents[s.ragged][u.id][0]
                 hi = lo + data.shape[0]
-            if hi > lo:
-                self._arrays[s.name][lo:hi] = data  # whole chunks/shards: unit boundaries are file boundaries
+            # Whole chunks/shards only: unit boundaries are file boundaries, so no other unit's
+            # files are touched and no chunk is read back. Uncompressed chunks go straight to files.
+            if hi > lo and not write_uncompressed_chunks(self._arrays[s.name], lo, data):
+                self._arrays[s.name][lo:hi] = data
             record["arrays"][s.name] = {"rows": [lo, hi], "sha256": None}
         for name, fut in digests.items():
             record["arrays"][name]["sha256"] = fut.result()

@@ -181,7 +181,7 @@ def test_direct_chunk_reads_match_zarr(tmp_path):
     """The reader's fast path for uncompressed arrays gives exactly what zarr gives, edges included."""
     import zarr
 
-    from cache.reader import _read_uncompressed_chunks
+    from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
 
     g = zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
     x = np.arange(37 * 3 * 2, dtype=np.float32).reshape(37, 3, 2)
@@ -194,3 +194,23 @@ def test_direct_chunk_reads_match_zarr(tmp_path):
     compressed = g.create_array("c", shape=(16, 2), dtype="float32", chunks=(4, 2))
     assert _read_uncompressed_chunks(sharded, 0, 16) is None
     assert _read_uncompressed_chunks(compressed, 0, 16) is None
+
+
+def test_direct_chunk_writes_are_read_back_by_zarr(tmp_path):
+    import zarr
+
+    from cache.rawio import write_uncompressed_chunks
+
+    g = zarr.open_group(str(tmp_path / "w.zarr"), mode="w")
+    x = np.random.default_rng(0).standard_normal((37, 3, 2)).astype(np.float16)
+    z = g.create_array("a/x", shape=x.shape, dtype=x.dtype, chunks=(8, 3, 2), compressors=None, fill_value=5.0)
+    assert write_uncompressed_chunks(z, 8, x[8:24])
+    assert write_uncompressed_chunks(z, 32, x[32:])  # the edge chunk, padded on disk
+    assert not write_uncompressed_chunks(z, 4, x[4:8])  # not chunk-aligned: the caller must use zarr
+    reread = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["a/x"][:]
+    np.testing.assert_array_equal(reread[8:24], x[8:24])
+    np.testing.assert_array_equal(reread[32:], x[32:])
+    assert (reread[:8] == 5.0).all() and (reread[24:32] == 5.0).all()
+    one = g.create_array("one", shape=(10,), dtype="int64", chunks=(4,), compressors=None, fill_value=0)
+    assert write_uncompressed_chunks(one, 0, np.arange(10))
+    np.testing.assert_array_equal(one[:], np.arange(10))

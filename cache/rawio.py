@@ -1,0 +1,123 @@
+"""Direct chunk-file I/O for uncompressed, unsharded, row-chunked Zarr v3 arrays on a local disk
+(private to cache/).
+
+Measured on this machine (benchmarks/cache_io.py): zarr 3.1's own read path is ~10x slower than
+``np.load`` for uncompressed float16 and its write path ~2x slower than writing the same files,
+because it copies every chunk several times through its codec pipeline. For arrays whose codec
+pipeline is exactly the ``bytes`` codec, the v3 spec fixes the file format completely: each chunk
+is one file ``c/<i>/0/...`` holding the chunk's C-order bytes (edge chunks full-size, padded with
+the fill value; a missing file reads as the fill value). Anything else (shards, compressors,
+other stores, other key encodings, big-endian) makes these functions return None/False and the
+caller uses zarr. Tests check both paths give identical arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _raw_geometry(z: Any) -> tuple[Path, str, tuple[int, ...], tuple[int, ...], np.dtype] | None:
+    """(chunk dir, key tail, chunk shape, shape, dtype) when the fast paths apply, else None."""
+    try:
+        from zarr.codecs import BytesCodec
+        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+        from zarr.storage import LocalStore
+
+        meta = z.metadata
+        store = z.store_path.store
+        if (
+            meta.zarr_format != 3
+            or len(meta.codecs) != 1
+            or not isinstance(meta.codecs[0], BytesCodec)
+            or not isinstance(store, LocalStore)
+            or not isinstance(meta.chunk_key_encoding, DefaultChunkKeyEncoding)
+            or meta.chunk_key_encoding.separator != "/"
+            or getattr(z, "order", "C") != "C"
+        ):
+            return None
+        dtype = np.dtype(z.dtype)
+        endian = getattr(meta.codecs[0].endian, "value", meta.codecs[0].endian)
+        if dtype.itemsize > 1 and endian != sys.byteorder:
+            return None
+        chunk_shape = tuple(meta.chunk_grid.chunk_shape)
+        shape = tuple(z.shape)
+        if chunk_shape[1:] != shape[1:]:
+            return None  # chunked along more than the row axis
+        base = Path(store.root) / z.store_path.path / "c"
+        tail = "/".join(["0"] * (len(shape) - 1))
+    except Exception:  # an unexpected zarr internals change: take the safe path
+        return None
+    return base, tail, chunk_shape, shape, dtype
+
+
+def read_uncompressed_chunks(z: Any, lo: int, hi: int) -> np.ndarray | None:
+    """Rows [lo, hi) read straight from the chunk files into the output, or None (use zarr)."""
+    geo = _raw_geometry(z)
+    if geo is None:
+        return None
+    base, tail, chunk_shape, shape, dtype = geo
+    rows = chunk_shape[0]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
+    flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
+    for i in range(lo // rows, (hi - 1) // rows + 1):
+        a, b = max(lo, i * rows), min(hi, (i + 1) * rows)
+        want = (b - a) * row_bytes
+        dst = (a - lo) * row_bytes
+        path = base / str(i) / tail if tail else base / str(i)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek((a - i * rows) * row_bytes)
+                got = f.readinto(flat[dst : dst + want]) if flat is not None else 0
+        except FileNotFoundError:
+            out[a - lo : b - lo] = z.fill_value  # never written: the fill value, as zarr would give
+            continue
+        if got != want:
+            return None  # not the layout we expect: let zarr decide
+    return out
+
+
+def write_uncompressed_chunks(z: Any, lo: int, data: np.ndarray) -> bool:
+    """Write rows [lo, lo+len(data)) as whole chunk files; False (nothing written) when not applicable.
+
+    ``lo`` must sit on a chunk boundary and the slab must end on one or at the array's end, which
+    is what the writer's unit alignment guarantees. Each file is written to a temporary name and
+    renamed, so a reader or a crash never sees half a chunk.
+    """
+    geo = _raw_geometry(z)
+    if geo is None:
+        return False
+    base, tail, chunk_shape, shape, dtype = geo
+    rows = chunk_shape[0]
+    hi = lo + data.shape[0]
+    if lo % rows or (hi % rows and hi != shape[0]) or data.dtype != dtype or tuple(data.shape[1:]) != shape[1:]:
+        return False
+    data = np.ascontiguousarray(data)
+    for i in range(lo // rows, -(-hi // rows)):
+        a, b = i * rows, min((i + 1) * rows, hi)
+        piece = data[a - lo : b - lo]
+        if b - a < rows:  # the edge chunk: stored full-size, padded with the fill value
+            full = np.empty((rows, *shape[1:]), dtype=dtype)
+            full[: b - a] = piece
+            full[b - a :] = z.fill_value
+            piece = full
+        path = base / str(i) / tail if tail else base / str(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(memoryview(piece.reshape(-1).view(np.uint8)) if piece.size else b"")
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    return True
