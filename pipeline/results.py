@@ -108,6 +108,7 @@ def results_row(*, run_id: str, config_id: str, config: "TrainConfig", cache_key
         "task": task, "seed": int(config.seed), "select_split": select_split, "sweep_id": sweep_id,
         "created": created, "seconds": float(seconds), "run_dir": str(run_dir),
         "lr": float(config.lr), "epochs": int(config.epochs), "batch_size": int(config.batch_size),
+        "epochs_run": int(epochs_run) if epochs_run is not None else None,
     }
     for split, ms in metrics.items():
         for k, v in ms.items():

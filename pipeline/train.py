@@ -627,7 +627,7 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
     row = R.results_row(run_id=run_id, config_id=cid, config=cfg, cache_key=features.cache_key,
                         target=fit_result.target, task=fit_result.task.kind, select_split=fit_result.select_split,
                         sweep_id=sweep_id, created=created, seconds=fit_result.seconds, metrics=fit_result.metrics,
-                        run_dir=run_dir)
+                        run_dir=run_dir, epochs_run=len(fit_result.history))
     paths["results_row"] = str(R.write_results_row(runs_dir=runs_dir, run_id=run_id, row=row))
     return RunResult(run_id=run_id, run_dir=run_dir, config_id=cid, arch=cfg.arch, target=fit_result.target,
                      task=fit_result.task.kind, cache_key=features.cache_key, select_split=fit_result.select_split,

@@ -1,0 +1,171 @@
+"""Trainer behaviour on tiny synthetic caches: agreement with scikit-learn and LightGBM called directly,
+NaN handling, split errors, memory budget, determinism, and the run record on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from cache.reader import open_cache
+from cache_fixtures import synthetic_cache
+from pipeline.config import TrainConfig
+from pipeline.errors import TrainError
+from pipeline.train import fit, load_features, run_train_head
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("train-caches")
+
+
+def _features(path, arrays=("pooled/mean",), target="y"):
+    return load_features(cache=open_cache(path), arrays=list(arrays), targets=[target], device=CPU)
+
+
+def _xy(features, split, target="y"):
+    rows = features.rows(split)
+    return features.arrays["pooled/mean"][rows].numpy(), features.targets[target][rows].numpy()
+
+
+def test_linear_matches_logistic_regression(root):
+    from sklearn.linear_model import LogisticRegression
+
+    path = synthetic_cache(root, task="classify", n=1500, seed=11, noise=1.0)
+    f = _features(path)
+    result = fit(config=TrainConfig(arch="linear", epochs=60, lr=1e-2, batch_size=128, patience=0), features=f)
+    xtr, ytr = _xy(f, "train")
+    xte, yte = _xy(f, "test")
+    sk = LogisticRegression(max_iter=2000).fit(xtr, ytr).score(xte, yte)
+    ours = result.metrics["test"]["accuracy"]
+    assert ours >= sk - 0.01, (ours, sk)
+
+
+@pytest.mark.parametrize("task", ["classify", "regress"])
+def test_lightgbm_equals_direct_call(root, task):
+    import lightgbm as lgb
+
+    path = synthetic_cache(root, task=task, n=800, seed=5, n_classes=3 if task == "classify" else 2)
+    f = _features(path)
+    params = {"n_estimators": 80, "learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 10,
+              "early_stopping_rounds": 10, "num_threads": 1}
+    if task == "regress":
+        params["standardize"] = False  # LightGBM directly sees raw targets
+    result = fit(config=TrainConfig(arch="lightgbm", task=task, params=params, seed=7), features=f)
+    xtr, ytr = _xy(f, "train")
+    xva, yva = _xy(f, "val")
+    xte, _ = _xy(f, "test")
+    direct_params = {"objective": "multiclass", "num_class": 3} if task == "classify" else {"objective": "regression"}
+    direct_params.update(learning_rate=0.1, num_leaves=7, min_data_in_leaf=10, feature_fraction=1.0,
+                         bagging_fraction=1.0, bagging_freq=0, lambda_l2=0.0, max_bin=255, num_threads=1, seed=7,
+                         deterministic=True, force_row_wise=True, verbosity=-1)
+    dtrain = lgb.Dataset(xtr, ytr)
+    booster = lgb.train(direct_params, dtrain, num_boost_round=80,
+                        valid_sets=[dtrain, lgb.Dataset(xva, yva, reference=dtrain)], valid_names=["train", "val"],
+                        callbacks=[lgb.early_stopping(10, first_metric_only=True, verbose=False)])
+    direct = booster.predict(xte, num_iteration=booster.best_iteration)
+    ours = result.head.predict(features=f, rows=f.rows("test"))
+    np.testing.assert_allclose(ours.reshape(direct.shape), direct, rtol=1e-6, atol=1e-9)
+
+
+def test_nan_in_features_is_a_clear_error(root):
+    path = synthetic_cache(root, task="classify", n=200, seed=2, nan_feature="pooled/mean")
+    with pytest.raises(TrainError, match=r"pooled/mean.*NaN/inf in 1 of 200 rows"):
+        _features(path)
+
+
+def test_nan_targets_are_masked(root):
+    path = synthetic_cache(root, task="regress", n=600, seed=3, target_nan_frac=0.3)
+    f = _features(path)
+    result = fit(config=TrainConfig(arch="mlp2", epochs=20, lr=3e-3, batch_size=64), features=f)
+    y = f.targets["y"][f.rows("test")].numpy()
+    assert result.metrics["test"]["n"] == np.sum(~np.isnan(y)) < len(y)
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in result.history)
+    assert result.metrics["test"]["r2"] > 0.3
+    # a target missing for every train row cannot be learnt: say so
+    all_nan = synthetic_cache(root, task="regress", n=100, seed=3, target_nan_frac=1.0)
+    with pytest.raises(TrainError, match="NaN .missing. for every train row"):
+        fit(config=TrainConfig(arch="linear", epochs=1), features=_features(all_nan))
+
+
+def test_per_object_nan_targets_masked(root):
+    inputs = ("objects/embed", "hits/features", "hits/embed", "assign/logits")
+    path = synthetic_cache(root, arrays=inputs, task="regress", per_object=True, n=300, seed=4)
+    f = _features(path, arrays=inputs)
+    r = fit(config=TrainConfig(arch="weighted-pool", epochs=3, batch_size=64), features=f)
+    y = f.targets["y"][f.rows("val")].numpy()
+    assert r.metrics["val"]["n"] == np.sum(~np.isnan(y))
+    assert r.predictions["val"]["prediction"].shape[:2] == y.shape
+
+
+def test_empty_or_missing_split_is_a_clear_error(root):
+    path = synthetic_cache(root, task="classify", n=200, seed=6, split_fracs=(0.8, 0.0, 0.2))
+    f = _features(path)
+    with pytest.raises(TrainError, match=r"split 'val' is empty"):
+        fit(config=TrainConfig(arch="linear", epochs=1), features=f)
+    with pytest.raises(TrainError, match=r"split 'holdout' does not exist.*'train', 'val', 'test'"):
+        fit(config=TrainConfig(arch="linear", epochs=1, select_split="holdout"), features=f)
+
+
+def test_memory_budget_error_names_sizes(root):
+    path = synthetic_cache(root, task="classify", n=200, seed=7)
+    with pytest.raises(TrainError, match=r"memory budget is 0.00 GB .*pooled/mean 0.00 GB"):
+        load_features(cache=open_cache(path), arrays=["pooled/mean"], targets=["y"], device=CPU,
+                      memory_budget_gb=1e-9)
+
+
+def test_deterministic_given_seed(root):
+    path = synthetic_cache(root, task="classify", n=400, seed=8)
+    f = _features(path)
+    cfg = TrainConfig(arch="mlp", params={"dropout": 0.2}, epochs=5, batch_size=32, seed=4)
+    a = fit(config=cfg, features=f)
+    b = fit(config=cfg, features=f)
+    np.testing.assert_array_equal(a.predictions["test"]["prediction"], b.predictions["test"]["prediction"])
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+
+
+def test_inverse_target_round_trip(root):
+    path = synthetic_cache(root, task="regress", n=600, seed=9)
+    f = _features(path)
+    r = fit(config=TrainConfig(arch="mlp2", params={"inverse": True, "loss": "smooth_l1"}, epochs=30, lr=3e-3,
+                               batch_size=64), features=f)
+    assert r.task.inverse and r.task.loss == "smooth_l1"
+    pred, y = r.predictions["test"]["prediction"][:, 0], r.predictions["test"]["target"]
+    # learnt in 1/y space: judge it there (in y space a few small 1/y errors become large y errors)
+    assert 1 - np.mean((1 / pred - 1 / y) ** 2) / np.var(1 / y) > 0.8
+    assert r.metrics["test"]["res68"] < 0.2 and np.all(pred > 0)
+
+
+def test_run_record_on_disk(root, tmp_path):
+    path = synthetic_cache(root, task="classify", n=300, seed=10)
+    cfg = TrainConfig(arch="mlp2", epochs=4, batch_size=64, seed=2)
+    run = run_train_head(cache_ref=str(path), cache_root=None, config=cfg, runs_dir=tmp_path / "runs")
+    d = run.run_dir
+    assert run.run_id.startswith("mlp2-") and d.name == run.run_id
+    record = yaml.safe_load((d / "config.yaml").read_text())
+    assert record["cache"]["key"] == open_cache(path).key and record["select_split"] == "val"
+    assert record["train"]["arch"] == "mlp2" and record["seed"] == 2 and record["task"]["kind"] == "classify"
+    assert (d / "head.safetensors").is_file()
+    hist = pq.read_table(d / "history.parquet").to_pydict()
+    assert hist["epoch"] == [1.0, 2.0, 3.0, 4.0] and {"train_loss", "val_loss", "val_auroc", "seconds"} <= set(hist)
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert set(metrics) == {"train", "val", "test"} and "auroc" in metrics["test"]
+    preds = pq.read_table(d / "predictions.parquet").to_pydict()
+    assert set(preds["split"]) == {"val", "test"} and {"row", "target", "prob_0", "prob_1", "pred_class"} <= set(preds)
+    row = pq.read_table(tmp_path / "runs" / "results" / f"{run.run_id}.parquet").to_pylist()[0]
+    assert row["config_id"] == run.config_id and row["select_split"] == "val" and row["sweep_id"] is None
+    assert row["test_auroc"] == pytest.approx(metrics["test"]["auroc"])
+    assert set(run.to_dict()) >= {"run_id", "paths", "metrics"} and "selected on val" in run.summary()
+
+
+def test_lightgbm_run_saves_text_model(root, tmp_path):
+    path = synthetic_cache(root, task="classify", n=300, seed=12)
+    cfg = TrainConfig(arch="lightgbm", params={"n_estimators": 20, "num_threads": 1})
+    run = run_train_head(cache_ref=str(path), cache_root=None, config=cfg, runs_dir=tmp_path)
+    assert (run.run_dir / "head.txt").read_text().startswith("tree")
