@@ -25,6 +25,7 @@ K index gathers cost extra); on a GPU K small heads fill a device one head canno
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -200,7 +201,7 @@ def fit_stacked(*, modules: Sequence[nn.Module], members: Sequence[Member], batc
         t0 = time.perf_counter()
         order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # (K, n)
         perm = train_rows[order]
-        loss_sum = torch.zeros(k, device=device)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
         for sl in steps:
             rows = perm[:, sl]  # (K, B): each member its own batch
             kk, b = rows.shape
@@ -309,11 +310,15 @@ def fit_one(*, module: nn.Module, member: Member, batch_fn: BatchFn, targets: to
 
 def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, targets: torch.Tensor,
                          train_rows: torch.Tensor, loss_fn: LossFn, batch_size: int, device: torch.device,
-                         autocast: bool = False, steps: int = 5) -> dict[str, float]:
+                         autocast: bool = False, steps: int = 5,
+                         stacked_context: Callable[[], Any] = contextlib.nullcontext,
+                         in_turn_context: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Seconds per optimiser step of all K members, stacked vs in turn, on throwaway copies.
 
     One warm-up step each (the first calls pay for allocation and vmap's first trace), then the
     median of ``steps`` timed steps. Returns ``{"stacked": s, "in_turn": s, "k": K, "batch_size": B}``.
+    ``*_context()``: entered around each way's timing (e.g. the trainer's CPU thread policy, which
+    differs with the size of the work, so each way is timed as it would run).
     """
     copies = [copy.deepcopy(m).to(device) for m in modules]
     k = len(copies)
@@ -352,18 +357,20 @@ def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, tar
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             o.step()
 
-    def timed(fn: Callable[[], None]) -> float:
-        fn()
-        _sync(device)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
+    def timed(fn: Callable[[], None], context: Callable[[], Any]) -> float:
+        with context():
             fn()
             _sync(device)
-            times.append(time.perf_counter() - t0)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
-    return {"stacked": timed(stacked_step), "in_turn": timed(in_turn_step), "k": k, "batch_size": b}
+    return {"stacked": timed(stacked_step, stacked_context), "in_turn": timed(in_turn_step, in_turn_context),
+            "k": k, "batch_size": b}
 
 
 def _sync(device: torch.device) -> None:

@@ -609,10 +609,14 @@ def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
     target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
     y_all = task.encode(features.targets[target])
     inputs = heads[0].inputs
+    bs = min(c0.batch_size, n_train)
     measured = S.measure_step_seconds(
         modules=[h.module for h in heads], batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all,
         train_rows=features.rows("train"), loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
-        batch_size=configs[0].batch_size, device=device, autocast=device.type == "cuda", steps=MEASURE_STEPS)
+        batch_size=bs, device=device, autocast=device.type == "cuda", steps=MEASURE_STEPS,
+        # each way under the trainer's CPU thread policy for its size (one thread for small work)
+        stacked_context=lambda: T._cpu_threads(module=heads[0].module, batch_size=bs * len(heads), device=device),
+        in_turn_context=lambda: T._cpu_threads(module=heads[0].module, batch_size=bs, device=device))
     measured["measure_seconds"] = time.perf_counter() - t0
     chosen = "stacked" if measured["stacked"] < measured["in_turn"] else "in-turn"
     why = (f"measured {measured['stacked'] * 1e3:.1f} ms/step stacked vs {measured['in_turn'] * 1e3:.1f} ms/step "
@@ -668,13 +672,15 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
         pred = task.decode(out).cpu().numpy()
         return {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}
 
-    results = S.fit_stacked(
-        modules=[h.module for h in heads], members=[S.Member(lr=c.lr, weight_decay=c.weight_decay, seed=c.seed)
-                                                     for c in configs],
-        batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all, train_rows=train_rows, val_rows=val_rows,
-        loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
-        val_loss_fn=lambda out, t: task.loss_fn(out, t, masked=val_masked),
-        loop=loop, device=features.device, epoch_metrics=epoch_metrics)
+    # The trainer's CPU thread policy, sized for the whole stack (K heads' work per step).
+    with T._cpu_threads(module=heads[0].module, batch_size=bs * len(heads), device=features.device):
+        results = S.fit_stacked(
+            modules=[h.module for h in heads],
+            members=[S.Member(lr=c.lr, weight_decay=c.weight_decay, seed=c.seed) for c in configs],
+            batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all, train_rows=train_rows,
+            val_rows=val_rows, loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
+            val_loss_fn=lambda out, t: task.loss_fn(out, t, masked=val_masked),
+            loop=loop, device=features.device, epoch_metrics=epoch_metrics)
     train_seconds = (time.perf_counter() - t0) / len(configs)
     out = []
     for config, head, r in zip(configs, heads, results):
@@ -686,3 +692,4 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
                                metrics=metrics, predictions=preds,
                                seconds=train_seconds + time.perf_counter() - t1, select_split=config.select_split))
     return out
+
