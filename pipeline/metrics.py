@@ -26,8 +26,9 @@ HIGHER_IS_BETTER = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "r2
 
 def higher_is_better(metric: str) -> bool:
     """``val_auroc`` / ``auroc`` -> True; losses, errors and resolutions -> False."""
+    if metric.endswith("_std"):
+        return False  # a smaller spread over seeds is better whatever the metric
     base = metric.split("_", 1)[1] if metric.split("_", 1)[0] in ("train", "val", "test") else metric
-    base = base[:-4] if base.endswith("_std") else base
     return base in HIGHER_IS_BETTER
 
 

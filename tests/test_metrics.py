@@ -1,0 +1,68 @@
+"""Metrics: scikit-learn values, NaN targets dropped, resolution definition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pipeline.heads.base import Task
+from pipeline.metrics import compute, higher_is_better, relative_resolution
+
+
+def test_binary_matches_sklearn_and_drops_nan():
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) > 0.5).astype(float)
+    p1 = np.clip(0.3 * y + 0.7 * rng.random(200), 0.01, 0.99)
+    proba = np.stack([1 - p1, p1], 1)
+    y_nan = y.copy()
+    y_nan[:20] = np.nan
+    m = compute(task=Task(kind="classify", n_outputs=2, classes=(0.0, 1.0)), y=y_nan, pred=proba)
+    yk, pk = y[20:], p1[20:]
+    assert m["n"] == 180
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(yk, pk))
+    assert m["auprc"] == pytest.approx(skm.average_precision_score(yk, pk))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(yk, pk > 0.5))
+    assert m["f1"] == pytest.approx(skm.f1_score(yk, pk > 0.5))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(yk, pk))
+
+
+def test_multiclass_labels_mapped_through_classes():
+    y = np.array([2.0, 5.0, 7.0, 5.0, 2.0, 7.0])
+    proba = np.eye(3)[[0, 1, 2, 1, 0, 0]] * 0.8 + 0.2 / 3
+    m = compute(task=Task(kind="classify", n_outputs=3, classes=(2.0, 5.0, 7.0)), y=y, pred=proba)
+    assert m["accuracy"] == pytest.approx(5 / 6) and 0.5 < m["auroc"] <= 1
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score([0, 1, 2, 1, 0, 2],
+                                                                               [0, 1, 2, 1, 0, 0]))
+
+
+def test_auroc_undefined_is_nan_not_an_exception():
+    m = compute(task=Task(kind="classify", n_outputs=2, classes=(0.0, 1.0)), y=np.ones(5),
+                pred=np.tile([0.2, 0.8], (5, 1)))
+    assert math.isnan(m["auroc"]) and m["accuracy"] == 1
+
+
+def test_regression_and_resolution():
+    rng = np.random.default_rng(1)
+    y = rng.uniform(1, 10, 5000)
+    pred = y * (1 + 0.1 * rng.standard_normal(5000))
+    m = compute(task=Task(kind="regress", n_outputs=1, loss="mse"), y=y, pred=pred[:, None])
+    assert m["mse"] == pytest.approx(skm.mean_squared_error(y, pred))
+    assert m["r2"] == pytest.approx(skm.r2_score(y, pred))
+    assert m["res68"] == pytest.approx(0.1, rel=0.05) and abs(m["res_bias"]) < 0.01
+    res, bias = relative_resolution(np.array([0.0, 1.0, 2.0, 4.0]), np.array([5.0, 1.1, 2.2, 4.4]))
+    assert res == pytest.approx(0.0) and bias == pytest.approx(0.1)  # y == 0 is excluded
+
+
+def test_per_object_regression_ignores_unmatched():
+    y = np.array([[1.0, np.nan], [2.0, 3.0]])
+    pred = np.array([[[1.0], [99.0]], [[2.0], [3.0]]])
+    m = compute(task=Task(kind="regress", n_outputs=1, per_object=True, loss="mse"), y=y, pred=pred)
+    assert m["n"] == 3 and m["mse"] == 0
+
+
+def test_direction():
+    assert higher_is_better("val_auroc") and higher_is_better("test_r2") and not higher_is_better("val_mse")
+    assert not higher_is_better("val_log_loss") and not higher_is_better("val_res68")
