@@ -4,6 +4,7 @@ NaN handling, split errors, memory budget, determinism, and the run record on di
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -169,3 +170,17 @@ def test_lightgbm_run_saves_text_model(root, tmp_path):
     cfg = TrainConfig(arch="lightgbm", params={"n_estimators": 20, "num_threads": 1})
     run = run_train_head(cache_ref=str(path), cache_root=None, config=cfg, runs_dir=tmp_path)
     assert (run.run_dir / "head.txt").read_text().startswith("tree")
+
+
+def test_train_imports_neither_lightgbm_nor_matplotlib(root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = synthetic_cache(root, task="classify", n=100, seed=13)
+    code = ("import sys; from pipeline.config import TrainConfig; from pipeline.train import run_train_head; "
+            f"run_train_head(cache_ref={str(path)!r}, cache_root=None, config=TrainConfig(arch='linear', epochs=1), "
+            f"runs_dir={str(tmp_path)!r}); "
+            "bad = [m for m in ('lightgbm', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)})
