@@ -384,6 +384,13 @@ def _cpu_threads(*, module: "torch.nn.Module", batch_size: int, device: "torch.d
             torch.set_num_threads(before)
 
 
+cpu_threads = _cpu_threads  # public names (the stacked sweep loop uses the same thread policy)
+
+
+def has_batchnorm(module: "torch.nn.Module") -> bool:
+    return _has_batchnorm(module)
+
+
 def fit_module(*, module: "torch.nn.Module", inputs: tuple[str, ...], task: "Task", features: FeatureSet,
                target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor", config: TrainConfig,
                progress: bool = False) -> list[dict[str, float]]:
