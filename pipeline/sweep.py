@@ -334,18 +334,31 @@ class SweepResult:
                 "trained": list(self.trained), "skipped": list(self.skipped), "caches": list(self.caches),
                 "groups": list(self.groups), "seconds": self.seconds, "leaderboard": list(self.leaderboard)}
 
-    def summary(self) -> str:
-        from pipeline.results import format_leaderboard
-
+    def summary(self, *, top: int = 10) -> str:
         chosen: dict[str, int] = {}
         for g in self.groups:
             chosen[g["strategy"]] = chosen.get(g["strategy"], 0) + g["k"]
         how = ", ".join(f"{n} {s}" for s, n in chosen.items()) or "nothing to train"
         lines = [f"sweep {self.sweep_id}: {len(self.run_ids)} runs over {len(self.caches)} cache(s); "
                  f"trained {len(self.trained)} ({how}), skipped {len(self.skipped)} already recorded; "
-                 f"{self.seconds:.1f} s",
-                 format_leaderboard(list(self.leaderboard[:10]), fmt="table"),
-                 f"record: {self.record}   report: ftpipe report --sweep {self.sweep_id} --out report/"]
+                 f"{self.seconds:.1f} s"]
+        board = list(self.leaderboard[:top])
+        if board and board[0].get("sort"):
+            metric = board[0]["sort"]
+            test = metric.replace("val_", "test_", 1)
+            table = [["rank", "configuration", "cache", "seeds", metric, test]]
+            for g in board:
+                several = (g.get("n_runs") or 1) > 1
+                cell = lambda m: (f"{g[m]:.4g}" + (f" ± {g.get(m + '_std', 0):.2g}" if several else "")  # noqa: E731
+                                  if isinstance(g.get(m), float) else "")
+                label = re.sub(r"_seed\d+-[0-9a-f]+$", "", (g.get("run_ids") or [str(g.get("arch"))])[0])
+                table.append([str(g["rank"]), label, str(g.get("cache_key"))[:8], str(g.get("n_runs")), cell(metric),
+                              cell(test)])
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+            if len(self.leaderboard) > top:
+                lines.append(f"... {len(self.leaderboard) - top} more: ftpipe results --sweep {self.sweep_id}")
+        lines.append(f"record: {self.record}   report: ftpipe report --sweep {self.sweep_id} --out report/")
         return "\n".join(lines)
 
 
