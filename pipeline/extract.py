@@ -47,7 +47,8 @@ class ExtractResult:
     n_samples: int
     arrays: dict[str, dict[str, Any]]  # name -> {dtype, inner_shape, ragged, shape (dense only)}
     samples_run: int = 0  # samples the backbone processed in this call (0 when reused)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    run_seconds: float = 0.0  # the batch loop and finalize only (without checkpoint loading and planning)
     load_summary: str | None = None  # checkpoint report: tensors loaded, head tensors dropped, frozen
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,14 +288,15 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                                        batches=batches, specs=out_specs, lengths=lengths, writer=writer,
                                        config=config, device=device, progress=progress)
         complete = writer.finalize()
+    run_seconds = time.perf_counter() - t_run
     seconds = time.perf_counter() - t_start
     meta = read_meta(path)
-    rate = samples_run / max(time.perf_counter() - t_run, 1e-9)
+    rate = samples_run / max(run_seconds, 1e-9)
     log.info("extracted %d samples in %.1f s (%.0f samples/s) into %s [%s]", samples_run, seconds, rate, path,
              meta["status"])
     return ExtractResult(key=key, path=path, status="complete" if complete else str(meta["status"]), reused=False,
                          n_samples=plan.n_samples, arrays=_arrays_info(meta), samples_run=samples_run,
-                         seconds=seconds, load_summary=report.summary())
+                         seconds=seconds, run_seconds=run_seconds, load_summary=report.summary())
 
 
 def _run_batches(*, backbone: Any, name: str, source: Any, dataset: Any, plan: Any, batches: list[list[int]],
