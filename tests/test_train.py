@@ -184,3 +184,14 @@ def test_train_imports_neither_lightgbm_nor_matplotlib(root, tmp_path):
             "bad = [m for m in ('lightgbm', 'matplotlib') if m in sys.modules]; assert not bad, bad")
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+def test_best_val_weights_kept_and_early_stopping(root):
+    path = synthetic_cache(root, task="classify", n=300, seed=14, noise=2.0)
+    f = _features(path)
+    r = fit(config=TrainConfig(arch="mlp", params={"hidden": 64, "dropout": 0.0}, epochs=200, lr=2e-2, patience=3,
+                               batch_size=32), features=f)
+    assert len(r.history) < 200  # stopped early
+    best = min(h["val_loss"] for h in r.history)
+    assert [h["epoch"] for h in r.history if h["best"]] == [min(r.history, key=lambda h: h["val_loss"])["epoch"]]
+    assert r.metrics["val"]["log_loss"] == pytest.approx(best, abs=1e-4)  # the restored weights are the best epoch's
