@@ -81,3 +81,52 @@ def test_object_valid_net_and_masked_bce() -> None:
     loss = masked_bce(out, t)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- through the trainer, on cached arrays
+
+
+@pytest.fixture(scope="module")
+def object_cache(tmp_path_factory):
+    from cache_fixtures import synthetic_cache
+
+    root = tmp_path_factory.mktemp("structured")
+    return synthetic_cache(root, arrays=("objects/embed", "objects/valid_logit"), task="classify", per_object=True,
+                           n=400, q=4, seed=5)
+
+
+def test_object_valid_reports_head_and_backbone_auroc_on_the_same_objects(object_cache) -> None:
+    from cache.reader import open_cache
+    from pipeline.config import TrainConfig
+    from pipeline.heads.object_valid import backbone_valid_metrics
+    from pipeline.object_metrics import valid_metrics
+    from pipeline.train import fit, load_features
+
+    feats = load_features(cache=open_cache(object_cache), arrays=["objects/embed", "objects/valid_logit"],
+                          targets=["y"], device=torch.device("cpu"))
+    result = fit(config=TrainConfig(arch="object-valid", params={"hidden": 16}, epochs=15, lr=3e-3, batch_size=64),
+                 features=feats)
+    rows = feats.rows("test")
+    proba = result.head.predict(features=feats, rows=rows)
+    assert proba.shape == (len(rows), 4, 2)
+    y = feats.targets["y"].index_select(0, rows).numpy()
+    head = valid_metrics(proba[..., 1].reshape(-1), y.reshape(-1))
+    backbone = backbone_valid_metrics(features=feats, rows=rows, target="y")
+    assert head["auroc"] == pytest.approx(result.metrics["test"]["auroc"])
+    assert head["auroc"] > 0.8 and backbone["auroc"] > 0.8  # the fixture's backbone logit is near-perfect
+    assert {"efficiency", "purity"} <= set(head) & set(backbone)
+
+
+@pytest.mark.parametrize("fusion", ["uncertainty", "gated"])
+def test_vae_fusion_options_train_from_a_ragged_cache(fusion: str, tmp_path) -> None:
+    from cache.reader import open_cache
+    from cache_fixtures import synthetic_cache
+    from pipeline.config import TrainConfig
+    from pipeline.train import fit, load_features
+
+    path = synthetic_cache(tmp_path, arrays=("vae/mu", "vae/logvar"), task="classify", n=400, seed=2)
+    feats = load_features(cache=open_cache(path), arrays=["vae/mu", "vae/logvar"], targets=["y"],
+                          device=torch.device("cpu"))
+    result = fit(config=TrainConfig(arch="vae-fusion", params={"fusion": fusion, "hidden": 16}, epochs=15, lr=3e-3,
+                                    batch_size=64), features=feats)
+    assert result.metrics["test"]["auroc"] > 0.8
