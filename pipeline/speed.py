@@ -188,3 +188,94 @@ def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str 
             times.append(time.perf_counter() - t0)
     bare = statistics.median(times)
     return OverheadReport(bare_epoch_s=bare, trainer_epoch_s=trainer, ratio=bare / trainer)
+
+
+def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, head: dict[str, Any], device: Any,
+                             epochs: int = 3, old_batches: int = 6, seed: int = 0) -> dict[str, Any]:
+    """Per-epoch time of one head on a REAL extraction: the cached way vs the frozen backbone in the loop.
+
+    ``config`` / ``checkpoint``: what built the cache at ``cache_path`` (an ExtractConfig and its checkpoint).
+    ``head``: ``{arch, target, task, params?, batch_size?}``.
+    Cached way: ``pipeline.train.fit`` on features loaded once, median epoch (each epoch also evaluates val,
+    so the figure is conservative). Old way: the same head module and batch size, each training batch read
+    through the DataLoader, run through the frozen, verified backbone under no_grad, then one optimiser step;
+    timed over ``old_batches`` batches and extrapolated to the epoch.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cache.ragged import Ragged
+    from cache.reader import open_cache
+    from pipeline.checkpoint import load_and_freeze, read_checkpoint
+    from pipeline.config import TrainConfig
+    from pipeline.data import open_data
+    from pipeline.extract import _build_backbone
+    from pipeline.train import FeatureSet, fit, head_inputs, load_features
+
+    train_cfg = TrainConfig(arch=head["arch"], target=head["target"], task=head.get("task"),
+                            params=dict(head.get("params", {})), batch_size=int(head.get("batch_size", 256)),
+                            epochs=epochs, patience=0, seed=seed)
+    # the cached way
+    reader = open_cache(cache_path)
+    available = tuple(a.name for a in reader.arrays())
+    inputs = head_inputs(config=train_cfg, available=available)
+    feats = load_features(cache=reader, arrays=inputs, targets=[head["target"]], device=device)
+    result = fit(config=train_cfg, features=feats)
+    cached_epoch = statistics.median(r["seconds"] for r in result.history)
+
+    # the old way: frozen backbone on every batch
+    source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
+    plan = source.plan()
+    ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
+    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=None)
+    init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
+    load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
+                    extra_strip=config.backbone.strip_prefixes, init_args=init_args,
+                    name=config.backbone.name or str(config.backbone.class_path))
+    backbone.module.to(device)
+    specs = {s.name: s for s in backbone.output_specs(plan=plan, float_dtype="float32")}
+    lengths = {g: np.asarray(v, dtype=np.int64) for g, v in backbone.ragged_lengths(plan=plan).items()}
+    plan_targets = {f"targets/{k}": v for k, v in plan.targets.items()}
+
+    rng = np.random.default_rng(seed)
+    train_idx = rng.permutation(np.flatnonzero(plan.split == 0))
+    bs = train_cfg.batch_size
+    batches = [sorted(train_idx[i:i + bs].tolist()) for i in range(0, len(train_idx), bs)]
+    batches = [b for b in batches if len(b) > 1]  # BatchNorm heads cannot train on one row
+    loader = DataLoader(source.dataset(), batch_sampler=batches, collate_fn=source.collate,
+                        pin_memory=device.type == "cuda")
+    module, task = result.head.module, result.task
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=train_cfg.lr)
+    target_name = f"targets/{head['target']}"
+    n_done, t0 = 0, time.perf_counter()
+    for idx, batch in zip(batches, loader):
+        with torch.no_grad():
+            out = backbone.run(batch, device=device)
+        arrays: dict[str, Any] = {}
+        for name in inputs:
+            spec = specs[name]
+            value = out[name].float()
+            if spec.ragged is None:
+                arrays[name] = value
+            else:
+                lens = torch.as_tensor(lengths[spec.ragged][idx])
+                starts = torch.cumsum(lens, 0) - lens
+                arrays[name] = Ragged(values=value, index=torch.stack([starts, lens], 1))
+        y = out[target_name] if target_name in out else torch.as_tensor(plan_targets[target_name][idx])
+        fb = FeatureSet.from_tensors(arrays=arrays, targets={head["target"]: y.float().cpu().numpy()},
+                                     split=np.zeros(len(idx), dtype=np.uint8), device=device, specs=specs)
+        rows = torch.arange(len(idx), device=device)
+        pred = module(fb.batch(inputs, rows))
+        loss = task.loss_fn(pred, task.encode(fb.targets[head["target"]]), masked=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_done += 1
+        if n_done >= old_batches:
+            break
+    frozen_epoch = (time.perf_counter() - t0) / max(1, n_done) * len(batches)
+    return {"frozen_epoch_s": frozen_epoch, "cached_epoch_s": cached_epoch, "ratio": frozen_epoch / cached_epoch,
+            "old_batches_timed": n_done, "batches_per_epoch": len(batches), "head": dict(head),
+            "backbone": config.backbone.name or config.backbone.class_path, "device": str(device)}
