@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import extract_fixtures as fx
 from pipeline.backbones.generic import build_generic, import_class, parse_tap
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
