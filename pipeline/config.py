@@ -59,14 +59,21 @@ class BackboneConfig:
 class DataConfig:
     format: str = "arrays"  # arrays (.npz or a folder of .npy) | parquet (one row per sample, list columns)
     path: str | None = None  # relative paths are relative to the config file
-    inputs: list[str] = field(default_factory=lambda: ["x"])  # input array keys / columns, in forward order
-    targets: list[str] = field(default_factory=list)  # target keys / columns (NaN = missing)
+    inputs: list[str] | str = field(default_factory=lambda: ["x"])  # input array keys / columns, in forward order
+    targets: list[str] | str = field(default_factory=list)  # target keys / columns (NaN = missing)
     split: str | None = "split"  # key / column holding train/val/test (names or codes 0/1/2)
     sample_id: str | None = None  # key / column of stable sample ids; default: row number
     options: dict[str, Any] = field(default_factory=dict)  # format- or family-specific reader options
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, ("arrays", "parquet"))
+        # `inputs: x` is the natural spelling for one input; store lists only
+        for name in ("inputs", "targets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, [value])
+        if not self.inputs:
+            raise ConfigError("data.inputs is empty: name the input array(s) / column(s) the backbone reads")
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,8 @@ def test_relative_data_path_is_relative_to_the_yaml(tmp_path: Path):
 def test_selecting_on_test_is_refused():
     with pytest.raises(cfg.ConfigError, match="val"):
         cfg.TrainConfig(arch="linear", select_split="test")
+
+
+def test_single_input_may_be_a_string():
+    c = cfg.build(cfg.DataConfig, {"inputs": "x", "targets": "label"})
+    assert c.inputs == ["x"] and c.targets == ["label"]
