@@ -1,0 +1,559 @@
+"""``setvae``: a small SeqSetVAE-like backbone for irregularly sampled event data (ICU stays).
+
+Notable features:
+- Input: events (variable id, value, time) grouped into *sets* (the events sharing one time).
+  A batch is kept flat (all events, all sets of all samples) so that no padded set ever reaches
+  the set encoder (a fully masked attention row would be NaN).
+- Set encoder: each element is ``var_embed(v) + value_embed(v) * value`` (a per-variable value
+  direction: the same number means different things for different variables), one masked
+  self-attention block over the set's elements, then attention pooling with a learned seed
+  (PMA) -> per-set posterior ``mu``, ``logvar``; ``z = mu + eps * std`` in training, ``z = mu``
+  in eval (extraction is deterministic).
+- Causal transformer over the sets: ``proj(z_t) + time_encoding(t_t)`` (sinusoids of the set's
+  time in hours), pre-norm blocks, causal mask -> per-step embeddings ``h_t`` (``seq/embed``).
+  Padded steps sit after the valid ones, so the causal mask alone keeps them out of valid steps.
+- SeqSetVAE's sequential prior: ``p(z_{t+1} | h_t)`` from ``prior``; set 0 has N(0, I). Stage one
+  minimises set reconstruction (which variables were measured: BCE; their values: MSE) plus
+  ``beta`` x KL(q(z_t | set_t) || p(z_t | h_{t-1})), and optionally the label through an
+  auxiliary ``cls_head`` on the attention-pooled sequence (saved as ``model.head.*``, dropped at
+  extraction together with any predecessor ``cls_head.*`` keys).
+- Pooled outputs: ``pooled/attn`` (the predecessor scripts' pooling: query = mean of the valid
+  steps, softmax of plain dot products), ``pooled/mean``, ``pooled/last`` (last valid step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
+from pipeline.errors import ConfigError, DataError
+from pipeline.pretrain import PretrainResult, register_pretrainer
+from pipeline.registry import register_backbone
+
+log = logging.getLogger(__name__)
+
+# Demo size: pretrains on the `icu` generator's 1200 stays in well under two minutes on two cores.
+DEFAULT_INIT_ARGS: dict[str, Any] = {
+    "n_variables": 32,  # variable ids are 0 .. n_variables-1
+    "dim": 64,  # width of element, set and step representations
+    "latent_dim": 32,  # per-set posterior size (vae/mu, vae/logvar)
+    "num_heads": 4,
+    "depth": 2,  # causal transformer blocks over the sets
+    "time_scale": 48.0,  # longest period of the time encoding, in the data's time unit (hours)
+    "n_time_freqs": 8,  # sinusoid frequencies of the time encoding
+}
+
+
+# ---------------------------------------------------------------- batch layout
+
+
+@dataclass(frozen=True)
+class SetBatch:
+    """A batch of samples in flat form. Events of set k are contiguous and sets follow sample order."""
+
+    variable: torch.Tensor  # (n_events,) int64
+    value: torch.Tensor  # (n_events,) float32
+    set_size: torch.Tensor  # (n_sets,) int64, events per set (>= 1)
+    set_time: torch.Tensor  # (n_sets,) float32
+    n_sets: torch.Tensor  # (B,) int64, sets per sample (may be 0)
+
+    def to(self, device: torch.device) -> "SetBatch":
+        return SetBatch(*(t.to(device) for t in (self.variable, self.value, self.set_size, self.set_time, self.n_sets)))
+
+
+def make_set_batch(samples: Sequence[dict[str, Any]]) -> SetBatch:
+    """Per-sample ``variable``, ``value``, ``set_size``, ``set_time`` arrays -> one flat :class:`SetBatch`."""
+    def cat(name: str, dtype: Any) -> torch.Tensor:
+        parts = [np.asarray(s[name], dtype=dtype).reshape(-1) for s in samples]
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
+
+    batch = SetBatch(
+        variable=cat("variable", np.int64),
+        value=cat("value", np.float32),
+        set_size=cat("set_size", np.int64),
+        set_time=cat("set_time", np.float32),
+        n_sets=torch.tensor([len(np.asarray(s["set_time"]).reshape(-1)) for s in samples], dtype=torch.int64),
+    )
+    check_set_batch(batch)
+    return batch
+
+
+def check_set_batch(batch: SetBatch) -> None:
+    if int(batch.set_size.sum()) != batch.variable.numel() or batch.value.numel() != batch.variable.numel():
+        raise DataError(f"setvae: set sizes add up to {int(batch.set_size.sum())} events but the batch has "
+                        f"{batch.variable.numel()} variables and {batch.value.numel()} values; "
+                        "check the set_size column")
+    if batch.set_size.numel() != batch.set_time.numel() or int(batch.n_sets.sum()) != batch.set_time.numel():
+        raise DataError("setvae: set_size and set_time disagree in length; each set needs one size and one time")
+    if batch.set_size.numel() and int(batch.set_size.min()) < 1:
+        raise DataError("setvae: a set has no events (set_size 0); drop empty sets from the data")
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"setvae: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(ctx).reshape(b, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention + MLP block."""
+
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim=dim, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, key_mask=key_mask, causal=causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class SetEncoder(nn.Module):
+    def __init__(self, *, n_variables: int, dim: int, latent_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.var_embed = nn.Embedding(n_variables, dim)
+        self.value_embed = nn.Embedding(n_variables, dim)
+        self.block = Block(dim=dim, num_heads=num_heads)
+        self.seed = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pool = Attention(dim=dim, num_heads=num_heads)
+        self.norm = nn.LayerNorm(dim)
+        self.to_posterior = nn.Linear(dim, 2 * latent_dim)
+
+    def forward(self, variable: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, E) padded sets -> posterior ``mu``, ``logvar`` (M, latent)."""
+        x = self.var_embed(variable) + self.value_embed(variable) * value.unsqueeze(-1)
+        x = self.block(x, key_mask=mask)
+        pooled = self.pool(self.seed.expand(x.shape[0], -1, -1), x, key_mask=mask)[:, 0]
+        mu, logvar = self.to_posterior(self.norm(pooled)).chunk(2, dim=-1)
+        # bounded log-variance keeps exp() finite in float16 caches and early training
+        return mu, logvar.clamp(-8.0, 8.0)
+
+
+class SetDecoder(nn.Module):
+    """z -> which variables were measured (logits) and their values."""
+
+    def __init__(self, *, n_variables: int, dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU())
+        self.presence = nn.Linear(dim, n_variables)
+        self.value = nn.Linear(dim, n_variables)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(z)
+        return self.presence(h), self.value(h)
+
+
+@dataclass(frozen=True)
+class SeqOutput:
+    mu: torch.Tensor  # (B, S, latent) posterior mean per set (padded)
+    logvar: torch.Tensor  # (B, S, latent)
+    z: torch.Tensor  # (B, S, latent) sampled in training, = mu in eval
+    h: torch.Tensor  # (B, S, dim) causal per-step embeddings
+    mask: torch.Tensor  # (B, S) True where a set exists
+    set_mu: torch.Tensor  # (n_sets, latent) flat, batch order
+    set_logvar: torch.Tensor  # (n_sets, latent)
+
+
+class SeqSetVAE(nn.Module):
+    def __init__(
+        self,
+        *,
+        n_variables: int = 32,
+        dim: int = 64,
+        latent_dim: int = 32,
+        num_heads: int = 4,
+        depth: int = 2,
+        time_scale: float = 48.0,
+        n_time_freqs: int = 8,
+    ) -> None:
+        super().__init__()
+        self.n_variables = n_variables
+        self.time_scale = float(time_scale)
+        self.n_time_freqs = int(n_time_freqs)
+        self.encoder = SetEncoder(n_variables=n_variables, dim=dim, latent_dim=latent_dim, num_heads=num_heads)
+        self.decoder = SetDecoder(n_variables=n_variables, dim=dim, latent_dim=latent_dim)
+        self.z_proj = nn.Linear(latent_dim, dim)
+        self.time_proj = nn.Linear(2 * n_time_freqs, dim)
+        self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.prior = nn.Linear(dim, 2 * latent_dim)
+
+    def time_encoding(self, t: torch.Tensor) -> torch.Tensor:
+        # periods from time_scale down to time_scale / 2^(F-1): hours-to-days structure in one vector
+        periods = self.time_scale / (2.0 ** torch.arange(self.n_time_freqs, device=t.device, dtype=torch.float32))
+        angle = 2 * math.pi * t.float().unsqueeze(-1) / periods
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
+    def encode_sets(self, batch: SetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat sets -> ``mu``, ``logvar`` (n_sets, latent) and the padded (n_sets, E) presence mask."""
+        n_sets = batch.set_size.numel()
+        device = batch.variable.device
+        max_e = int(batch.set_size.max()) if n_sets else 1
+        set_id = torch.repeat_interleave(torch.arange(n_sets, device=device), batch.set_size)
+        starts = torch.cumsum(batch.set_size, 0) - batch.set_size
+        pos = torch.arange(batch.variable.numel(), device=device) - starts[set_id]
+        variable = torch.zeros(n_sets, max_e, dtype=torch.int64, device=device)
+        value = torch.zeros(n_sets, max_e, dtype=torch.float32, device=device)
+        mask = torch.zeros(n_sets, max_e, dtype=torch.bool, device=device)
+        variable[set_id, pos] = batch.variable
+        value[set_id, pos] = batch.value.float()
+        mask[set_id, pos] = True
+        mu, logvar = self.encoder(variable, value, mask)
+        return mu, logvar, mask
+
+    def forward(self, batch: SetBatch) -> SeqOutput:
+        set_mu, set_logvar, _ = self.encode_sets(batch)
+        z_flat = set_mu + torch.randn_like(set_mu) * torch.exp(0.5 * set_logvar) if self.training else set_mu
+        b = batch.n_sets.numel()
+        s = max(int(batch.n_sets.max()) if b else 0, 1)
+        device = set_mu.device
+        mask = torch.arange(s, device=device)[None, :] < batch.n_sets[:, None]  # (B, S); sets fill it row-major
+
+        def pad(flat: torch.Tensor) -> torch.Tensor:
+            out = flat.new_zeros(b, s, *flat.shape[1:])
+            out[mask] = flat
+            return out
+
+        mu, logvar, z, t = pad(set_mu), pad(set_logvar), pad(z_flat), pad(batch.set_time.float())
+        x = self.z_proj(z) + self.time_proj(self.time_encoding(t))
+        for block in self.blocks:
+            x = block(x, causal=True)
+        return SeqOutput(mu=mu, logvar=logvar, z=z, h=self.norm(x), mask=mask, set_mu=set_mu, set_logvar=set_logvar)
+
+
+# ---------------------------------------------------------------- pooling and losses
+
+
+def pool_sequence(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``attn`` (query = mean of valid steps, softmax of dot products), ``mean``, ``last``; zeros for empty samples."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    n = mask.sum(dim=1)
+    mean = (h * m).sum(dim=1) / n.clamp(min=1).unsqueeze(-1).to(h.dtype)
+    scores = (h * mean.unsqueeze(1)).sum(dim=-1).masked_fill(~mask, float("-inf"))
+    # an empty sample would softmax over all -inf (NaN); give it a finite row and zero it below
+    scores = torch.where(n[:, None] > 0, scores, torch.zeros_like(scores))
+    attn = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(dim=1)
+    last = h[torch.arange(h.shape[0], device=h.device), (n - 1).clamp(min=0)]
+    empty = (n == 0).unsqueeze(-1)
+    return {name: torch.where(empty, torch.zeros_like(x), x) for name, x in
+            (("attn", attn), ("mean", mean), ("last", last))}
+
+
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)) summed over the last dimension."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0).sum(-1)
+
+
+def stage_one_losses(model: SeqSetVAE, batch: SetBatch, out: SeqOutput) -> dict[str, torch.Tensor]:
+    """Per-set reconstruction (BCE on which variables were measured + half squared error of their values,
+    i.e. a unit-variance Gaussian NLL) and KL to the sequential prior, each summed per set and averaged over sets."""
+    presence_logit, value_pred = model.decoder(out.z[out.mask])  # (n_sets, V)
+    n_sets = batch.set_size.numel()
+    set_id = torch.repeat_interleave(torch.arange(n_sets, device=batch.variable.device), batch.set_size)
+    present = torch.zeros_like(presence_logit)
+    present[set_id, batch.variable] = 1.0
+    # Per-set sums (not per-element means): the KL is per set, and a mean over ~10 events would make
+    # reconstruction too cheap to pay for any information in z (posterior collapse).
+    n = max(n_sets, 1)
+    recon_presence = F.binary_cross_entropy_with_logits(presence_logit, present, reduction="sum") / n
+    recon_value = 0.5 * F.mse_loss(value_pred[set_id, batch.variable], batch.value.float(), reduction="sum") / n
+    # prior for step t comes from h_{t-1}; step 0 gets N(0, I)
+    prior_mu, prior_logvar = model.prior(out.h).chunk(2, dim=-1)
+    prior_mu = torch.cat([torch.zeros_like(prior_mu[:, :1]), prior_mu[:, :-1]], dim=1)
+    prior_logvar = torch.cat([torch.zeros_like(prior_logvar[:, :1]), prior_logvar[:, :-1]], dim=1).clamp(-8.0, 8.0)
+    kl = gaussian_kl(out.mu, out.logvar, prior_mu, prior_logvar)[out.mask].mean()
+    return {"recon_presence": recon_presence, "recon_value": recon_value, "kl": kl}
+
+
+# ---------------------------------------------------------------- adapter
+
+
+def resolve_init_args(*, hparams: dict[str, Any], init_args: dict[str, Any]) -> dict[str, Any]:
+    """defaults < checkpoint hyper_parameters < config init_args; unknown names are an error."""
+    if "init_args" in hparams and isinstance(hparams["init_args"], dict):
+        hparams = hparams["init_args"]  # a whole Lightning hyper_parameters dict was passed
+    args = {**DEFAULT_INIT_ARGS, **{k: v for k, v in hparams.items() if k in DEFAULT_INIT_ARGS}, **init_args}
+    unknown = sorted(set(args) - set(DEFAULT_INIT_ARGS))
+    if unknown:
+        raise ConfigError(f"setvae: unknown init arg(s) {unknown}; known: {sorted(DEFAULT_INIT_ARGS)}")
+    return args
+
+
+@dataclass(frozen=True)
+class SetColumns:
+    """Where the four fields sit in the Parquet reader's batch: two ragged groups and a column in each."""
+
+    events: str = "events"  # group with one row per event
+    variable: int = 0  # column of the variable id in `events`
+    value: int = 1
+    seq: str = "seq"  # group with one row per set; its lengths are the sets per sample
+    set_time: int = 0  # column of the set time in `seq`
+    set_size: int = 1
+
+    @classmethod
+    def from_plan(cls, plan: Any, *, names: dict[str, str] | None = None) -> "SetColumns":
+        """Find the columns by name in ``plan.meta["groups"]`` (the reader's field names per group)."""
+        names = {"variable": "variable", "value": "value", "set_time": "set_time", "set_size": "set_size", **(names or {})}
+        groups: dict[str, list[str]] = dict((plan.meta or {}).get("groups") or {}) if plan is not None else {}
+        if not groups:
+            return cls()
+        where: dict[str, tuple[str, int]] = {}
+        for role, column in names.items():
+            hits = [(g, cols.index(column)) for g, cols in groups.items() if column in cols]
+            if not hits:
+                raise DataError(f"setvae: no input column {column!r} ({role}) in the data's groups {groups}; "
+                                "use the icu layout or set backbone.options.columns")
+            where[role] = hits[0]
+        if where["variable"][0] != where["value"][0] or where["set_time"][0] != where["set_size"][0]:
+            raise DataError(f"setvae: variable/value must share one group and set_time/set_size another; got {where}")
+        return cls(events=where["variable"][0], variable=where["variable"][1], value=where["value"][1],
+                   seq=where["set_time"][0], set_time=where["set_time"][1], set_size=where["set_size"][1])
+
+
+def set_batch_from_collated(batch: dict, *, columns: SetColumns) -> SetBatch:
+    """The Parquet reader's collated batch (flat groups + ``<group>/lengths``) -> :class:`SetBatch`."""
+    missing = [k for k in (columns.events, columns.seq, f"{columns.seq}/lengths", f"{columns.events}/lengths")
+               if k not in batch]
+    if missing:
+        raise DataError(f"setvae: the batch lacks {missing}; it has {sorted(batch)}. "
+                        "Use the icu layout (groups events: [variable, value], seq: [set_time, set_size])")
+    events, seq = torch.as_tensor(batch[columns.events]), torch.as_tensor(batch[columns.seq])
+    out = SetBatch(
+        variable=events[:, columns.variable].round().long(),
+        value=events[:, columns.value].float(),
+        set_size=seq[:, columns.set_size].round().long(),
+        set_time=seq[:, columns.set_time].float(),
+        n_sets=torch.as_tensor(batch[f"{columns.seq}/lengths"]).long(),
+    )
+    check_set_batch(out)
+    # per sample: the events must be exactly those its sets announce (catches misaligned rows early)
+    sample_of_set = torch.repeat_interleave(torch.arange(out.n_sets.numel()), out.n_sets.cpu())
+    per_sample = torch.zeros_like(out.n_sets).index_add_(0, sample_of_set, out.set_size.cpu())
+    if not torch.equal(per_sample, torch.as_tensor(batch[f"{columns.events}/lengths"]).long().cpu()):
+        raise DataError("setvae: a sample's set sizes do not add up to its number of events; check set_size")
+    return out
+
+
+@dataclass
+class SetVaeBackbone:
+    """Adapter: builds the SeqSetVAE, declares its cache arrays, runs it on a batch of stays."""
+
+    module: SeqSetVAE
+    init_args: dict[str, Any]
+    columns: SetColumns = field(default_factory=SetColumns)
+    seq_group: str = "seq"  # cache ragged group of the per-set arrays (rows = sets per sample)
+    rules: CheckpointRules = field(default_factory=lambda: CheckpointRules(drop_patterns=DEFAULT_DROP_PATTERNS + ("head.*",)))
+
+    def output_specs(self, *, plan: Any, float_dtype: str) -> list[Any]:
+        from cache.schema import ArraySpec
+
+        d, k, g = int(self.init_args["dim"]), int(self.init_args["latent_dim"]), self.seq_group
+        return [
+            ArraySpec("seq/embed", float_dtype, (d,), ragged=g, meaning="causal per-set (time step) embeddings h_t"),
+            ArraySpec("vae/mu", float_dtype, (k,), ragged=g, meaning="per-set posterior mean"),
+            ArraySpec("vae/logvar", float_dtype, (k,), ragged=g, meaning="per-set posterior log-variance"),
+            ArraySpec("pooled/attn", float_dtype, (d,), meaning="attention pooling of seq/embed (query = its mean)"),
+            ArraySpec("pooled/mean", float_dtype, (d,), meaning="mean of seq/embed over the sets"),
+            ArraySpec("pooled/last", float_dtype, (d,), meaning="seq/embed of the last set"),
+        ]
+
+    def ragged_lengths(self, *, plan: Any) -> dict[str, np.ndarray]:
+        lengths = plan.ragged_lengths.get(self.columns.seq)
+        if lengths is None:
+            raise DataError(f"setvae: the data plan has no {self.columns.seq!r} lengths (sets per sample); "
+                            f"it has {sorted(plan.ragged_lengths)}")
+        return {self.seq_group: np.asarray(lengths, dtype=np.int64)}
+
+    def run(self, batch: dict, *, device: torch.device) -> dict[str, torch.Tensor]:
+        out = self.module(set_batch_from_collated(batch, columns=self.columns).to(device))
+        pooled = pool_sequence(out.h, out.mask)
+        return {
+            "seq/embed": out.h[out.mask],
+            "vae/mu": out.set_mu,
+            "vae/logvar": out.set_logvar,
+            "pooled/attn": pooled["attn"],
+            "pooled/mean": pooled["mean"],
+            "pooled/last": pooled["last"],
+        }
+
+
+@register_backbone("setvae")
+def build_setvae(config: Any, *, hparams: dict[str, Any], plan: Any) -> SetVaeBackbone:
+    args = resolve_init_args(hparams=hparams, init_args=dict(config.init_args))
+    options = dict(config.options)
+    names = options.pop("columns", None)
+    if options:
+        raise ConfigError(f"setvae: unknown option(s) {sorted(options)}; known: columns")
+    return SetVaeBackbone(module=SeqSetVAE(**args), init_args=args, columns=SetColumns.from_plan(plan, names=names))
+
+
+# ---------------------------------------------------------------- stage one
+
+TRAIN_KNOBS: dict[str, Any] = {
+    "lr": 2e-3,  # AdamW peak; cosine decay to lr/100
+    "weight_decay": 1e-2,
+    "batch_size": 32,  # stays per step
+    "beta": 0.5,  # weight of the KL to the sequential prior
+    "label_weight": 1.0,  # weight of the auxiliary label loss (0 = reconstruction + KL only)
+    "label": "label",  # plan target the auxiliary head learns
+}
+DEFAULT_EPOCHS = 12
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = sorted(set(options) - set(DEFAULT_INIT_ARGS) - set(TRAIN_KNOBS))
+    if unknown:
+        raise ConfigError(f"setvae pretrain: unknown option(s) {unknown}; init args: {sorted(DEFAULT_INIT_ARGS)}, "
+                          f"training: {sorted(TRAIN_KNOBS)}")
+    init = {k: v for k, v in options.items() if k in DEFAULT_INIT_ARGS}
+    knobs = {**TRAIN_KNOBS, **{k: v for k, v in options.items() if k in TRAIN_KNOBS}}
+    return init, knobs
+
+
+def _batch(items: list, rows: np.ndarray, *, source: Any, columns: SetColumns, device: torch.device) -> SetBatch:
+    return set_batch_from_collated(source.collate([items[int(i)] for i in rows]), columns=columns).to(device)
+
+
+def _losses(model: SeqSetVAE, head: nn.Module, sets: SetBatch, *, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    out = model(sets)
+    losses = stage_one_losses(model, sets, out)
+    if labels is not None:
+        known = ~torch.isnan(labels)
+        if bool(known.any()):
+            logits = head(pool_sequence(out.h, out.mask)["attn"])
+            losses["label"] = F.cross_entropy(logits[known], labels[known].long())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: SeqSetVAE, head: nn.Module, items: list, rows: np.ndarray, *, source: Any, columns: SetColumns,
+             label: np.ndarray | None, device: torch.device, batch_size: int = 128) -> dict[str, float]:
+    """Mean reconstruction/KL over ``rows`` (posterior means, eval mode) and the auxiliary head's AUROC/accuracy."""
+    model.eval()
+    head.eval()
+    sums: dict[str, float] = {}
+    scores, truth = [], []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        sets = _batch(items, part, source=source, columns=columns, device=device)
+        out = model(sets)
+        for k, v in stage_one_losses(model, sets, out).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(part)
+        if label is not None:
+            scores.append(torch.softmax(head(pool_sequence(out.h, out.mask)["attn"]), -1).cpu().numpy())
+            truth.append(label[part])
+    metrics = {f"val_{k}": v / len(rows) for k, v in sums.items()}
+    if label is not None:
+        prob, y = np.concatenate(scores), np.concatenate(truth)
+        known = ~np.isnan(y)
+        prob, y = prob[known], y[known].astype(np.int64)
+        metrics["val_label_accuracy"] = float((prob.argmax(1) == y).mean()) if len(y) else float("nan")
+        if prob.shape[1] == 2 and len(np.unique(y)) == 2:
+            from sklearn.metrics import roc_auc_score
+
+            metrics["val_label_auroc"] = float(roc_auc_score(y, prob[:, 1]))
+    return metrics
+
+
+@register_pretrainer("setvae")
+def pretrain_setvae(*, source: Any, epochs: int | None, device: torch.device, seed: int, progress: bool,
+                    options: dict[str, Any]) -> PretrainResult:
+    """Reconstruction + beta KL (+ the label via an auxiliary head) on the train split; metrics on val."""
+    from tqdm import tqdm
+
+    init, knobs = _split_options(options)
+    args = resolve_init_args(hparams={}, init_args=init)
+    plan = source.plan()
+    columns = SetColumns.from_plan(plan)
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    dataset = source.dataset()
+    items = [dataset[i] for i in range(plan.n_samples)]  # demo data fits in memory: decode once, not per epoch
+    max_var = max((int(it[columns.events][:, columns.variable].max()) for it in items if len(it[columns.events])),
+                  default=-1)
+    if max_var >= int(args["n_variables"]):
+        raise ConfigError(f"setvae: the data has variable ids up to {max_var}; pass --set n_variables={max_var + 1}")
+    train = np.flatnonzero(plan.split == plan.split_names.index("train"))
+    val = np.flatnonzero(plan.split == plan.split_names.index("val"))
+    if not len(train):
+        raise ConfigError("setvae pretrain: the data has no train split")
+    label = None
+    if float(knobs["label_weight"]) > 0:
+        if str(knobs["label"]) not in plan.targets:
+            raise ConfigError(f"setvae pretrain: no target {knobs['label']!r} for the auxiliary head; the data has "
+                              f"{sorted(plan.targets)}; pass --set label=NAME or --set label_weight=0")
+        label = np.asarray(plan.targets[str(knobs["label"])], dtype=np.float32)
+    n_classes = int(np.nanmax(label)) + 1 if label is not None else 1
+
+    with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG state is restored afterwards
+        torch.manual_seed(seed)
+        model = SeqSetVAE(**args).to(device)
+        head = nn.Linear(int(args["dim"]), n_classes).to(device)
+        params = list(model.parameters()) + (list(head.parameters()) if label is not None else [])
+        opt = torch.optim.AdamW(params, lr=float(knobs["lr"]), weight_decay=float(knobs["weight_decay"]))
+        bs = int(knobs["batch_size"])
+        steps = max(epochs * math.ceil(len(train) / bs), 1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(knobs["lr"]), total_steps=steps,
+                                                    pct_start=0.1, final_div_factor=100.0)
+        rng = np.random.default_rng(seed)
+        step = 0
+        for epoch in tqdm(range(epochs), desc="setvae stage one", disable=not progress):
+            model.train()
+            head.train()
+            order = rng.permutation(train)
+            total = 0.0
+            for start in range(0, len(order), bs):
+                rows = order[start : start + bs]
+                sets = _batch(items, rows, source=source, columns=columns, device=device)
+                labels = torch.from_numpy(label[rows]).to(device) if label is not None else None
+                losses = _losses(model, head, sets, labels=labels)
+                loss = losses["recon_presence"] + losses["recon_value"] + float(knobs["beta"]) * losses["kl"]
+                if "label" in losses:
+                    loss = loss + float(knobs["label_weight"]) * losses["label"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                total += float(loss) * len(rows)
+            log.info("setvae epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(train))
+        metrics = evaluate(model, head, items, val if len(val) else train, source=source, columns=columns,
+                           label=label, device=device)
+    return PretrainResult(
+        module=model.to("cpu"),
+        head_state={k: v.detach().to("cpu") for k, v in head.state_dict().items()} if label is not None else {},
+        init_args=args,
+        metrics=metrics,
+        epochs=epochs,
+        global_step=step,
+        extra_hparams={"label_classes": n_classes if label is not None else 0},
+    )

@@ -1,0 +1,343 @@
+"""``vit``: a small vision transformer with timm-compatible parameter names.
+
+Notable features:
+- Parameter names and maths follow timm's ``VisionTransformer`` (class token, learned position
+  embedding that includes the class token, pre-norm blocks with LayerNorm eps 1e-6, fused
+  ``attn.qkv``, GELU MLP, final ``norm``, ``head``), so a timm ViT state dict (``cls_token``,
+  ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
+  ``norm``, ``head``) loads strictly; ``head.*`` is dropped at extraction.
+- Cached outputs: ``pooled/cls`` (normed CLS token), ``pooled/mean`` (mean of the normed patch
+  tokens), optionally ``pooled/cls_last<k>`` (the CLS tokens of the last k blocks, each passed
+  through the final norm and concatenated: DINOv2 linear-evaluation style; option
+  ``last_k_blocks``) and ``objects/embed`` (the normed patch tokens; option ``patch_tokens``).
+- Stage one: cross-entropy on the image labels through ``head`` (a Linear on ``pooled/cls``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
+from pipeline.errors import ConfigError, DataError
+from pipeline.pretrain import PretrainResult, register_pretrainer
+from pipeline.registry import register_backbone
+
+log = logging.getLogger(__name__)
+
+# Demo size: trains on the `images` generator's 32x32 shapes in well under two minutes on two cores.
+DEFAULT_INIT_ARGS: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 8,
+    "in_chans": 3,
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "num_classes": 4,
+}
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ConfigError(f"vit: img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise DataError(f"vit: images are {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, P, D), row-major patches as in timm
+
+
+class Attention(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"vit: embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        # timm layout: qkv -> (B, N, 3, H, hd) -> (3, B, H, N, hd)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, *, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim=dim, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """timm-named ViT; ``head`` is the stage-one classifier (Identity when ``num_classes == 0``)."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 32,
+        patch_size: int = 8,
+        in_chans: int = 3,
+        embed_dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_weights)
+
+    def tokens(self, images: torch.Tensor, *, keep_blocks: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final tokens before ``norm`` (B, 1+P, D) and the outputs of the last ``keep_blocks`` blocks."""
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        kept: list[torch.Tensor] = []
+        first_kept = len(self.blocks) - keep_blocks
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= first_kept:
+                kept.append(x)
+        return x, kept
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, _ = self.tokens(images)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _init_weights(m: nn.Module) -> None:
+    # timm's default: truncated normal (std .02) for Linear weights, zero biases
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def resolve_init_args(*, hparams: dict[str, Any], init_args: dict[str, Any]) -> dict[str, Any]:
+    """defaults < checkpoint hyper_parameters < config init_args; unknown names are an error."""
+    if "init_args" in hparams and isinstance(hparams["init_args"], dict):
+        hparams = hparams["init_args"]  # a whole Lightning hyper_parameters dict was passed
+    args = {**DEFAULT_INIT_ARGS, **{k: v for k, v in hparams.items() if k != "backbone"}, **init_args}
+    unknown = sorted(set(args) - set(DEFAULT_INIT_ARGS))
+    if unknown:
+        raise ConfigError(f"vit: unknown init arg(s) {unknown}; known: {sorted(DEFAULT_INIT_ARGS)}")
+    return args
+
+
+@dataclass
+class VitBackbone:
+    """Adapter: builds the ViT, declares its cache arrays, runs it on a batch of images."""
+
+    module: VisionTransformer
+    init_args: dict[str, Any]
+    last_k_blocks: int = 0
+    patch_tokens: bool = False
+    image_key: str = "images"
+    rules: CheckpointRules = field(default_factory=lambda: CheckpointRules(drop_patterns=DEFAULT_DROP_PATTERNS + ("head.*",)))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.init_args["embed_dim"])
+
+    def output_specs(self, *, plan: Any, float_dtype: str) -> list[Any]:
+        from cache.schema import ArraySpec
+
+        d = self.embed_dim
+        specs = [
+            ArraySpec("pooled/cls", float_dtype, (d,), meaning="CLS token after the final norm"),
+            ArraySpec("pooled/mean", float_dtype, (d,), meaning="mean of the patch tokens after the final norm"),
+        ]
+        if self.last_k_blocks:
+            k = self.last_k_blocks
+            specs.append(ArraySpec(f"pooled/cls_last{k}", float_dtype, (k * d,),
+                                   meaning=f"CLS tokens of the last {k} blocks, each normed, concatenated (DINOv2 linear eval)"))
+        if self.patch_tokens:
+            specs.append(ArraySpec("objects/embed", float_dtype, (self.module.patch_embed.num_patches, d),
+                                   meaning="patch tokens after the final norm, row-major patch order"))
+        return specs
+
+    def ragged_lengths(self, *, plan: Any) -> dict[str, np.ndarray]:
+        return {}
+
+    def images(self, batch: dict, *, device: torch.device) -> torch.Tensor:
+        x = batch.get(self.image_key)
+        if x is None:
+            raise DataError(f"vit: the batch has no {self.image_key!r} array; it has {sorted(batch)}")
+        x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+        if x.ndim != 4:
+            raise DataError(f"vit: expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        return x
+
+    def run(self, batch: dict, *, device: torch.device) -> dict[str, torch.Tensor]:
+        x, kept = self.module.tokens(self.images(batch, device=device), keep_blocks=self.last_k_blocks)
+        x = self.module.norm(x)
+        out = {"pooled/cls": x[:, 0], "pooled/mean": x[:, 1:].mean(dim=1)}
+        if self.last_k_blocks:
+            out[f"pooled/cls_last{self.last_k_blocks}"] = torch.cat([self.module.norm(t)[:, 0] for t in kept], dim=-1)
+        if self.patch_tokens:
+            out["objects/embed"] = x[:, 1:]
+        return out
+
+
+@register_backbone("vit")
+def build_vit(config: Any, *, hparams: dict[str, Any], plan: Any) -> VitBackbone:
+    args = resolve_init_args(hparams=hparams, init_args=dict(config.init_args))
+    options = dict(config.options)
+    k = int(options.pop("last_k_blocks", 0) or 0)
+    patch_tokens = bool(options.pop("patch_tokens", False))
+    image_key = str(options.pop("image_key", "images"))
+    if options:
+        raise ConfigError(f"vit: unknown option(s) {sorted(options)}; known: last_k_blocks, patch_tokens, image_key")
+    if not 0 <= k <= int(args["depth"]):
+        raise ConfigError(f"vit: last_k_blocks={k} must be between 0 and depth={args['depth']}")
+    # The head exists only to load/compute stage one; extraction never calls it and drops head.* keys.
+    module = VisionTransformer(**{**args, "num_classes": 0})
+    return VitBackbone(module=module, init_args=args, last_k_blocks=k, patch_tokens=patch_tokens, image_key=image_key)
+
+
+def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
+    """The stage-one model: the backbone plus its ``head`` Linear."""
+    args = resolve_init_args(hparams={}, init_args=init_args)
+    return VisionTransformer(**args)
+
+
+
+# ---------------------------------------------------------------- stage one
+
+TRAIN_KNOBS: dict[str, Any] = {
+    "lr": 2e-3,  # AdamW peak; one-cycle schedule (10% warm-up, cosine decay)
+    "weight_decay": 0.05,
+    "batch_size": 64,
+    "label": "label",  # plan target the head learns (integer classes)
+    "flip": True,  # random horizontal flips (the shapes are left-right symmetric)
+}
+DEFAULT_EPOCHS = 15
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = sorted(set(options) - set(DEFAULT_INIT_ARGS) - set(TRAIN_KNOBS))
+    if unknown:
+        raise ConfigError(f"vit pretrain: unknown option(s) {unknown}; init args: {sorted(DEFAULT_INIT_ARGS)}, "
+                          f"training: {sorted(TRAIN_KNOBS)}")
+    init = {k: v for k, v in options.items() if k in DEFAULT_INIT_ARGS}
+    knobs = {**TRAIN_KNOBS, **{k: v for k, v in options.items() if k in TRAIN_KNOBS}}
+    return init, knobs
+
+
+@torch.no_grad()
+def accuracy(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        correct += int((model(images[start : start + batch_size]).argmax(-1) == labels[start : start + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+@register_pretrainer("vit")
+def pretrain_vit(*, source: Any, epochs: int | None, device: torch.device, seed: int, progress: bool,
+                 options: dict[str, Any]) -> PretrainResult:
+    """Cross-entropy on the labels through ``head`` (train split); accuracy on val."""
+    from tqdm import tqdm
+
+    init, knobs = _split_options(options)
+    plan = source.plan()
+    name = str(knobs["label"])
+    if name not in plan.targets:
+        raise ConfigError(f"vit pretrain: no target {name!r}; the data has {sorted(plan.targets)}; pass --set label=NAME")
+    label = np.asarray(plan.targets[name], dtype=np.float32)
+    known = ~np.isnan(label)
+    n_classes = int(label[known].max()) + 1 if known.any() else 0
+    if n_classes < 2:
+        raise ConfigError(f"vit pretrain: target {name!r} needs at least two classes")
+    args = resolve_init_args(hparams={}, init_args={"num_classes": n_classes, **init})
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    dataset = source.dataset()
+    key = source.config.inputs[0] if getattr(source, "config", None) is not None else "images"
+    # demo data fits in memory: one collate of every sample, then index slicing (no DataLoader)
+    images = torch.as_tensor(source.collate([dataset[i] for i in range(plan.n_samples)])[key]).float().to(device)
+    targets = torch.from_numpy(np.nan_to_num(label, nan=-1)).long().to(device)
+    split = plan.split
+    train = np.flatnonzero((split == plan.split_names.index("train")) & known)
+    val = np.flatnonzero((split == plan.split_names.index("val")) & known)
+    if not len(train):
+        raise ConfigError("vit pretrain: the data has no labelled train samples")
+
+    with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG state is restored afterwards
+        torch.manual_seed(seed)
+        model = VisionTransformer(**args).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=float(knobs["lr"]), weight_decay=float(knobs["weight_decay"]))
+        bs = int(knobs["batch_size"])
+        steps = max(epochs * -(-len(train) // bs), 1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(knobs["lr"]), total_steps=steps, pct_start=0.1)
+        rng = np.random.default_rng(seed)
+        step = 0
+        for epoch in tqdm(range(epochs), desc="vit stage one", disable=not progress):
+            model.train()
+            order = torch.from_numpy(rng.permutation(train)).to(device)
+            total = 0.0
+            for start in range(0, len(order), bs):
+                rows = order[start : start + bs]
+                x = images[rows]
+                if knobs["flip"]:
+                    flip = torch.from_numpy(rng.random(len(rows)) < 0.5).to(device)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                loss = F.cross_entropy(model(x), targets[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                total += float(loss) * len(rows)
+            log.info("vit epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(train))
+        metrics = {"train_accuracy": accuracy(model, images[train], targets[train])}
+        if len(val):
+            metrics["val_accuracy"] = accuracy(model, images[val], targets[val])
+    head_state = {k: v.detach().to("cpu") for k, v in model.head.state_dict().items()}
+    model.head = nn.Identity()  # the backbone is saved without its head; the head goes under model.head.*
+    return PretrainResult(
+        module=model.to("cpu"),
+        head_state=head_state,
+        init_args=args,
+        metrics=metrics,
+        epochs=epochs,
+        global_step=step,
+        extra_hparams={"input": key},
+    )
