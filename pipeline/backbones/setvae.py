@@ -544,7 +544,7 @@ def pretrain_setvae(*, source: Any, epochs: int | None, device: torch.device, se
                 opt.step()
                 sched.step()
                 step += 1
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
             log.info("setvae epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(train))
         metrics = evaluate(model, head, items, val if len(val) else train, source=source, columns=columns,
                            label=label, device=device)

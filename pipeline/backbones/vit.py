@@ -325,7 +325,7 @@ def pretrain_vit(*, source: Any, epochs: int | None, device: torch.device, seed:
                 opt.step()
                 sched.step()
                 step += 1
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
             log.info("vit epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(train))
         metrics = {"train_accuracy": accuracy(model, images[train], targets[train])}
         if len(val):
