@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pipeline import config as cfg
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, FtpipeError
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,7 @@ class SweepResult:
     run_ids: tuple[str, ...]  # every run of the sweep (trained now or found recorded), cache by cache
     trained: tuple[str, ...]
     skipped: tuple[str, ...]  # already recorded for the same cache key (resume)
+    failed: tuple[dict[str, str], ...]  # {run_id, error}: not recorded, retried by a rerun
     caches: tuple[dict[str, Any], ...]  # ref, key, path, load_seconds, arrays
     groups: tuple[dict[str, Any], ...]  # per trained group: arch, k, strategy, measured step seconds, seconds
     seconds: float
@@ -331,7 +332,8 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sweep_id": self.sweep_id, "record": str(self.record), "run_ids": list(self.run_ids),
-                "trained": list(self.trained), "skipped": list(self.skipped), "caches": list(self.caches),
+                "trained": list(self.trained), "skipped": list(self.skipped), "failed": list(self.failed),
+                "caches": list(self.caches),
                 "groups": list(self.groups), "seconds": self.seconds, "leaderboard": list(self.leaderboard)}
 
     def summary(self, *, top: int = 10) -> str:
@@ -342,6 +344,7 @@ class SweepResult:
         lines = [f"sweep {self.sweep_id}: {len(self.run_ids)} runs over {len(self.caches)} cache(s); "
                  f"trained {len(self.trained)} ({how}), skipped {len(self.skipped)} already recorded; "
                  f"{self.seconds:.1f} s"]
+        lines += [f"FAILED {f['run_id']}: {f['error']}" for f in self.failed]
         board = list(self.leaderboard[:top])
         if board and board[0].get("sort"):
             metric = board[0]["sort"]
@@ -414,6 +417,7 @@ class _Plan:
     key: str
     todo: list[tuple[Trial, str]] = field(default_factory=list)  # (trial, run id)
     done: list[tuple[Trial, str]] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)  # all of them, in trial order (stable across reruns)
 
 
 def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: SweepSpec, runs_dir: Path,
@@ -458,9 +462,11 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
             if (runs_dir / R.RESULTS_SUBDIR / f"{rid}.parquet").exists():
                 plan.done.append((trial, rid))
             elif (key, cid, trial.config.seed) in recorded:
-                plan.done.append((trial, recorded[(key, cid, trial.config.seed)]))
+                rid = recorded[(key, cid, trial.config.seed)]
+                plan.done.append((trial, rid))
             else:
                 plan.todo.append((trial, rid))
+            plan.run_ids.append(rid)
         plans.append(plan)
 
     record_path = runs_dir / "sweeps" / f"{sweep_id}.json"
@@ -470,8 +476,8 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
         "spec": spec.to_dict(), "strategy": strategy, "device": str(device),
         "caches": [{"ref": refs[p.key], "key": p.key, "path": str(p.reader.path), "runs": len(p.todo) + len(p.done),
                     "skipped": len(p.done)} for p in plans],
-        "run_ids": [rid for p in plans for _, rid in p.done + p.todo],
-        "trained": [], "skipped": [rid for p in plans for _, rid in p.done],
+        "run_ids": [rid for p in plans for rid in p.run_ids],
+        "trained": [], "skipped": [rid for p in plans for _, rid in p.done], "failed": [],
         "groups": [], "timings": {"load_seconds": 0.0, "measure_seconds": 0.0, "train_seconds": 0.0},
         "previous_attempts": previous.get("previous_attempts", []) + ([{
             k: previous.get(k) for k in ("status", "updated", "trained", "timings")}] if previous else []),
@@ -509,6 +515,7 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
     board = sweep_leaderboard(runs_dir=runs_dir, run_ids=record["run_ids"])
     return SweepResult(sweep_id=sweep_id, record=record_path, run_ids=tuple(record["run_ids"]),
                        trained=tuple(record["trained"]), skipped=tuple(record["skipped"]),
+                       failed=tuple(record["failed"]),
                        caches=tuple(record["caches"]), groups=tuple(record["groups"]),
                        seconds=time.perf_counter() - t_start, leaderboard=tuple(board))
 
@@ -557,13 +564,27 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
                 "run_ids": [rid for _, rid in members], "strategy": chosen, "why": why, "measured": measured}
         record["groups"].append(info)
         if chosen == "stacked":
-            fits = fit_group_stacked(configs=[t.config for t, _ in members], features=features)
-            for (trial, rid), fit_result in zip(members, fits):
-                on_recorded(T.write_run(fit_result=fit_result, features=features, runs_dir=runs_dir,
-                                        sweep_id=sweep_id, run_id=rid))
-        else:
+            try:
+                fits = fit_group_stacked(configs=[t.config for t, _ in members], features=features)
+            except (FtpipeError, FloatingPointError) as exc:
+                # e.g. one member's loss diverged: train the group in turn, where only that member fails
+                log.warning("stacked %s x%d failed (%s); training them in turn", info["arch"], len(members), exc)
+                info.update(strategy="in-turn", why=f"stacked failed: {exc}")
+                chosen = "in-turn"
+            else:
+                for (trial, rid), fit_result in zip(members, fits):
+                    on_recorded(T.write_run(fit_result=fit_result, features=features, runs_dir=runs_dir,
+                                            sweep_id=sweep_id, run_id=rid))
+        if chosen == "in-turn":
             for trial, rid in members:
-                fit_result = T.fit(config=trial.config, features=features)
+                try:
+                    fit_result = T.fit(config=trial.config, features=features)
+                except FtpipeError as exc:
+                    # One configuration that cannot train (a diverging lr, ...) must not stop the grid; it is
+                    # not recorded, so a rerun tries it again.
+                    log.warning("run %s failed: %s", rid, exc)
+                    record["failed"].append({"run_id": rid, "error": str(exc)})
+                    continue
                 on_recorded(T.write_run(fit_result=fit_result, features=features, runs_dir=runs_dir,
                                         sweep_id=sweep_id, run_id=rid))
         info["seconds"] = time.perf_counter() - t_group

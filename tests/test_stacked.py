@@ -124,3 +124,26 @@ def test_measure_step_seconds_times_both_ways():
 def test_stacking_refuses_different_shapes():
     with pytest.raises(ValueError, match="identical"):
         S.StackedHeads([nn.Linear(3, 2), nn.Linear(4, 2)], device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stacked_equals_in_turn_on_cuda_with_autocast():
+    """On a GPU both ways run the forward under bfloat16 autocast, so they agree to bfloat16 rounding."""
+    from pipeline.config import TrainConfig
+    from pipeline.sweep import fit_group_stacked
+    from pipeline.train import FeatureSet, fit
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 64
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    label = (x @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n) > 0).astype(np.float32)
+    features = FeatureSet.from_tensors(arrays={"pooled/mean": x}, targets={"label": label},
+                                       split=np.arange(n) % 5 // 3 + (np.arange(n) % 5 == 4), device=torch.device("cuda"))
+    configs = [TrainConfig(arch="mlp", params={"hidden": [64, 32], "dropout": 0.0, "norm": "layer"}, epochs=5,
+                           batch_size=128, lr=lr, seed=seed, device="cuda", target="label")
+               for lr, seed in [(1e-3, 0), (3e-3, 1), (1e-2, 2), (3e-4, 3)]]
+    for config, st in zip(configs, fit_group_stacked(configs=configs, features=features)):
+        alone = fit(config=config, features=features)
+        assert st.metrics["test"]["auroc"] == pytest.approx(alone.metrics["test"]["auroc"], abs=0.01)
+        np.testing.assert_allclose(st.predictions["test"]["prediction"], alone.predictions["test"]["prediction"],
+                                   atol=0.05)

@@ -243,3 +243,27 @@ def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkey
     faster = "stacked" if group["measured"]["stacked"] < group["measured"]["in_turn"] else "in-turn"
     assert group["strategy"] == faster and "ms/step" in group["why"]
     assert any("ms/step" in r.message for r in caplog.records)
+
+
+def test_a_failing_configuration_does_not_stop_the_grid(tmp_path: Path, monkeypatch):
+    from pipeline import train as T
+    from pipeline.errors import TrainError
+
+    key = tiny_cache(tmp_path / "cache")
+    spec = SweepSpec(name="fail", device="cpu", target="label", train={"epochs": 1},
+                     grids=({"arch": ("linear",), "lr": (1e-3, 1e-2, 1e-1)},))
+    real_fit = T.fit
+
+    def fit(*, config, features, progress=False):
+        if config.lr == 1e-2:
+            raise TrainError("training loss became nan in epoch 1 (lr 0.01); lower --lr")
+        return real_fit(config=config, features=features, progress=progress)
+
+    monkeypatch.setattr(T, "fit", fit)
+    result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs",
+                       strategy="in-turn")
+    assert len(result.trained) == 2 and [f["run_id"] for f in result.failed] == [result.run_ids[1]]
+    assert "FAILED" in result.summary() and len(result.leaderboard) == 2
+    monkeypatch.setattr(T, "fit", real_fit)
+    again = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs")
+    assert again.trained == (result.run_ids[1],) and not again.failed  # the failed one is retried
