@@ -15,7 +15,7 @@ Data section (``DataConfig`` with ``format: parquet``)::
 A list column of ``inputs`` not named in any group is a group of its own (named after the
 column); non-list input columns form the dense ``scalars`` part.
 
-Planning reads, per row group, only the first column of each group and keeps its list offsets
+Planning reads, per row group, only the narrowest column of each group and keeps its list offsets
 (the values are decoded into Arrow memory by pyarrow but never converted or copied), so ragged
 lengths are known before any backbone runs. That every column of a group has the same lengths is
 checked when the row group is decoded for the dataset (a ``DataError`` naming column and row).
@@ -101,6 +101,14 @@ def _list_offsets(column: Any) -> np.ndarray | None:
         lengths[np.asarray(arr.is_null().to_numpy(zero_copy_only=False))] = 0
         offsets = np.concatenate([[0], np.cumsum(lengths)])
     return offsets - offsets[0]
+
+
+def _value_bits(list_type: Any) -> int:
+    """Bit width of a list column's values (variable-width types count as wide)."""
+    try:
+        return int(list_type.value_type.bit_width)
+    except (AttributeError, ValueError):
+        return 1 << 16
 
 
 def _to_float(values: Any) -> np.ndarray:
@@ -209,13 +217,15 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         out = {g: np.zeros(self.n_rows, dtype=np.int64) for g in self.groups}
+        # one column per group is enough (the others must match); the narrowest decodes fastest
+        schema = pq.read_schema(self.files[0])
+        probe = {g: min(cols, key=lambda c: _value_bits(schema.field(c).type)) for g, cols in self.groups.items()}
         files: dict[Path, Any] = {}
         for ref in self.row_groups:
             pf = files.setdefault(ref.file, pq.ParquetFile(ref.file))
-            first_cols = [cols[0] for cols in self.groups.values()]
-            table = pf.read_row_group(ref.index, columns=sorted(set(first_cols)))
-            for group, cols in self.groups.items():
-                offsets = _list_offsets(table.column(cols[0]))
+            table = pf.read_row_group(ref.index, columns=sorted(set(probe.values())))
+            for group, col in probe.items():
+                offsets = _list_offsets(table.column(col))
                 assert offsets is not None  # checked against the schema in __init__
                 out[group][ref.start : ref.start + ref.rows] = np.diff(offsets)
         return out
