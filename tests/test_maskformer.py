@@ -12,7 +12,7 @@ import torch
 from cache.schema import LOGIT_FILL
 from pipeline.backbones import maskformer as mf
 from pipeline.backbones.base import CheckpointRules
-from pipeline.config import BackboneConfig, DataConfig, ExtractConfig, build
+from pipeline.config import BackboneConfig, DataConfig, build
 from pipeline.data import open_data
 from pipeline.data.generators.tracks import generate_tracks
 from pipeline.data.layouts import layout_for_backbone
@@ -138,6 +138,19 @@ def test_pretrain_rejects_unknown_options(tiny: dict, tmp_path: Path):
     assert not (tmp_path / "x.ckpt").exists()
 
 
+def test_stage_one_is_deterministic_by_seed(tiny: dict, tmp_path: Path):
+    from pipeline.pretrain import run_pretrain
+
+    def state(seed: int, name: str) -> dict:
+        run_pretrain(backbone="maskformer", data=tiny["data"], out=tmp_path / name, epochs=1, seed=seed, device=CPU,
+                     progress=False, options=dict(TINY))
+        return torch.load(tmp_path / name, weights_only=True)["state_dict"]
+
+    a, b, c = state(0, "a.ckpt"), state(0, "b.ckpt"), state(1, "c.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.query_initial"], c["model.query_initial"])
+
+
 def test_stage_one_learns_assignment(tmp_path: Path):
     """A short stage one on 320 training events finds most particles; an untrained model finds none."""
     from pipeline.pretrain import run_pretrain
@@ -157,15 +170,19 @@ def test_stage_one_learns_assignment(tmp_path: Path):
 
 
 def test_extract_equals_direct_forward_and_ragged_arrays_line_up(tiny: dict, tmp_path: Path):
-    from cache.reader import open_cache
-    from pipeline.checkpoint import load_verified, read_checkpoint
-    from pipeline.extract import run_extract
+    """`ftpipe extract --backbone maskformer --checkpoint stage-one.ckpt --data events.parquet` (no config file)."""
+    from click.testing import CliRunner
 
-    layout = layout_for_backbone("maskformer", path=str(tiny["data"]))
-    config = ExtractConfig(backbone=BackboneConfig(name="maskformer"), data=build(DataConfig, layout),
-                           batch_size=16, device="cpu", dtype="float16")
-    res = run_extract(config=config, checkpoint=tiny["ckpt"], cache_root=tmp_path / "cache", progress=False)
-    reader = open_cache(res.path)
+    from cache.reader import open_cache
+    from cli import main
+    from pipeline.checkpoint import load_verified, read_checkpoint
+
+    args = ["extract", "--backbone", "maskformer", "--checkpoint", str(tiny["ckpt"]), "--data", str(tiny["data"]),
+            "--cache-root", str(tmp_path / "cache"), "--batch-size", "16", "--device", "cpu", "--json"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    reader = open_cache(json.loads(out.output.strip().splitlines()[-1])["path"])
+    assert reader.spec("hits/features").dtype == "float16"
 
     source = _source(tiny["data"])
     plan = source.plan()
