@@ -310,7 +310,7 @@ def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Sweep YAML (configs/sweeps/).")
 @click.option("--arch", default=None, help="Comma-separated head names.")
 @click.option("--set", "sets", multiple=True, help="Grid axis key=v1,v2,... (repeatable).")
-@click.option("--seeds", type=int, default=None, help="Seeds per configuration.")
+@click.option("--seeds", type=int, default=None, help="Seeds per configuration (0..N-1); the leaderboard shows mean ± std.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--target", default=None)
 @click.option("--task", type=click.Choice(["classify", "regress"]), default=None)
@@ -322,7 +322,11 @@ def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
 @json_option
 def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, device, cache_root,
           runs_dir, as_json):
-    """Train a grid of heads over one or more caches, loading each cache once."""
+    """Train a grid of heads over one or more caches, loading each cache once.
+
+    Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
+    `--set hidden=[256,128],[128]` gives two list values. Rerunning skips runs already recorded.
+    """
     from pipeline.sweep import run_sweep, sweep_spec_from_cli
 
     spec = sweep_spec_from_cli(config_path=config_path, arch=arch, sets=sets, seeds=seeds, epochs=epochs,
@@ -347,7 +351,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
 @runs_dir_option
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def report(sweep_id, run_ids, runs_dir, out):
-    """Write an HTML report (leaderboard, curves, residuals) with PNG figures."""
+    """Write OUT/index.html (leaderboard, curves, ROC/PR or residuals) with PNGs in OUT/figures/, linked relatively."""
     from pipeline.report import write_report
 
     path = write_report(sweep_id=sweep_id, run_ids=list(run_ids), runs_dir=Path(runs_dir), out=Path(out))
