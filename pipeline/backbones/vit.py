@@ -242,9 +242,9 @@ def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
 # ---------------------------------------------------------------- stage one
 
 TRAIN_KNOBS: dict[str, Any] = {
-    "lr": 2e-3,  # AdamW peak; one-cycle schedule (10% warm-up, cosine decay)
+    "lr": 1e-3,  # AdamW peak; one-cycle schedule (10% warm-up, cosine decay)
     "weight_decay": 0.05,
-    "batch_size": 64,
+    "batch_size": 32,  # small batches: more steps per epoch matter more than batch size here
     "label": "label",  # plan target the head learns (integer classes)
     "flip": True,  # random horizontal flips (the shapes are left-right symmetric)
 }
