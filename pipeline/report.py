@@ -112,7 +112,7 @@ def _board_label(g: dict[str, Any], *, several_caches: bool) -> str:
     return f"{label} @{str(g.get('cache_key'))[:6]}" if several_caches else label
 
 
-def _fig_leaderboard(board: list[dict[str, Any]], out: Path) -> str | None:
+def _fig_leaderboard(board: list[dict[str, Any]], out: Path, *, prefix: str = "") -> str | None:
     if not board or not board[0].get("sort"):
         return None
     metric = board[0]["sort"]
@@ -134,14 +134,15 @@ def _fig_leaderboard(board: list[dict[str, Any]], out: Path) -> str | None:
     pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 0.1
     ax.set_xlim(lo - pad, hi + pad)  # zoom on the spread: ranks often differ in the 3rd digit
     ax.set_title(f"Leaderboard ({len(board)} configurations; top {len(top)})")
-    return _save(fig, out, "leaderboard")
+    return _save(fig, out, f"{prefix}leaderboard")
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path) -> list[tuple[str, str]]:
+def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path, *,
+                         prefix: str = "") -> list[tuple[str, str]]:
     """One figure per hyperparameter that takes more than one value: metric per run against it."""
     figures = []
     keys = sorted({k for r in runs for k in r.hyper})
@@ -181,11 +182,12 @@ def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path) -> list[tu
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} against {key} (dots: runs; line: mean)")
         ax.legend(fontsize=7)
-        figures.append((key, _save(fig, out, f"hyper_{re.sub(r'[^A-Za-z0-9]+', '_', key)}")))
+        figures.append((key, _save(fig, out, f"{prefix}hyper_{re.sub(r'[^A-Za-z0-9]+', '_', key)}")))
     return figures
 
 
-def _fig_learning_curves(best: list[list[RunView]], out: Path, *, several_caches: bool) -> str | None:
+def _fig_learning_curves(best: list[list[RunView]], out: Path, *, several_caches: bool,
+                         prefix: str = "") -> str | None:
     fig = _new_figure(9, 3.8)
     ax_tr, ax_va = fig.subplots(1, 2)
     drawn = False
@@ -210,7 +212,7 @@ def _fig_learning_curves(best: list[list[RunView]], out: Path, *, several_caches
     ax_tr.set(title="train loss", xlabel="epoch", ylabel="loss")
     ax_va.set(title="val loss (★ selected epoch)", xlabel="epoch")
     ax_va.legend(fontsize=7)
-    return _save(fig, out, "learning_curves")
+    return _save(fig, out, f"{prefix}learning_curves")
 
 
 def _split_pick(pred: dict[str, list]) -> str | None:
@@ -242,7 +244,7 @@ def _classification_scores(pred: dict[str, list], split: str, classes: Sequence[
     return onehot.ravel(), p.ravel()
 
 
-def _fig_roc_pr(best: list[list[RunView]], out: Path, *, several_caches: bool) -> str | None:
+def _fig_roc_pr(best: list[list[RunView]], out: Path, *, several_caches: bool, prefix: str = "") -> str | None:
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     fig = _new_figure(9, 4)
@@ -270,7 +272,7 @@ def _fig_roc_pr(best: list[list[RunView]], out: Path, *, several_caches: bool) -
     ax_pr.set(title=f"precision-recall ({split}; AP)", xlabel="recall", ylabel="precision")
     ax_roc.legend(fontsize=7, loc="lower right")
     ax_pr.legend(fontsize=7, loc="lower left")
-    return _save(fig, out, "roc_pr")
+    return _save(fig, out, f"{prefix}roc_pr")
 
 
 def _regression_pairs(pred: dict[str, list], split: str) -> list[tuple[str, Any, Any]]:
@@ -293,7 +295,7 @@ def _regression_pairs(pred: dict[str, list], split: str) -> list[tuple[str, Any,
     return pairs
 
 
-def _fig_regression(run: RunView, out: Path, *, rank: int) -> list[str]:
+def _fig_regression(run: RunView, out: Path, *, rank: int, prefix: str = "") -> list[str]:
     """Predicted vs true, residual histogram, and relative resolution in bins of true, for one run."""
     import numpy as np
 
@@ -333,7 +335,7 @@ def _fig_regression(run: RunView, out: Path, *, rank: int) -> list[str]:
             ax_rel.legend(fontsize=7)
         ax_rel.set(title="relative resolution (pred - true) / true", xlabel=f"true {target} (bin centre)")
         fig.suptitle(f"#{rank} {run.label} ({name})", fontsize=9)
-        figures.append(_save(fig, out, f"regression_{rank}_{re.sub(r'[^A-Za-z0-9]+', '_', name)}"))
+        figures.append(_save(fig, out, f"{prefix}regression_{rank}_{re.sub(r'[^A-Za-z0-9]+', '_', name)}"))
     return figures
 
 
@@ -364,10 +366,82 @@ th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}figcaption{font-siz
 code{background:#f3f3f3;padding:0 3px}.note{color:#555;font-size:13px}"""
 
 
-def write_report(*, sweep_id: str | None, run_ids: Sequence[str], runs_dir: Path, out: Path) -> Path:
-    """Write ``out/index.html`` + ``out/figures/*.png`` for a sweep and/or runs; return the HTML path."""
+def _problem_sections(*, runs: list[RunView], runs_dir: Path, out: Path, prefix: str, heading: str) -> list[str]:
+    """Leaderboard, figures and the run table of runs that share one (target, task)."""
     from pipeline.sweep import sweep_leaderboard
 
+    board = sweep_leaderboard(runs_dir=runs_dir, run_ids=[r.run_id for r in runs])
+    metric = board[0].get("sort") if board else None
+    by_id = {r.run_id: r for r in runs}
+    # configurations in leaderboard order, each with its runs (seeds)
+    ranked: list[list[RunView]] = [[by_id[i] for i in g["run_ids"] if i in by_id] for g in board]
+    ranked = [rs for rs in ranked if rs]
+    several_caches = len({g.get("cache_key") for g in board}) > 1
+
+    sections: list[str] = [f"<h2>{html.escape(heading)}</h2>"] if heading else []
+    h = "h3" if heading else "h2"
+
+    # leaderboard
+    metrics_cols = [m for m in ([metric, metric.replace("val_", "test_", 1)] if metric else []) if any(m in g for g in board)]
+    extra = [m for m in ("val_accuracy", "val_r2", "val_res68", "val_mae") if m not in metrics_cols
+             and any(m in g for g in board)]
+    metrics_cols += extra[:2]
+    rows = []
+    for g in board:
+        runs_g = [by_id[i] for i in g["run_ids"] if i in by_id]
+        cells = [str(g["rank"]), html.escape(runs_g[0].label if runs_g else str(g.get("arch"))),
+                 html.escape(str(g.get("cache_key"))[:12]), html.escape(str(g.get("target"))), str(g.get("n_runs"))]
+        for m in metrics_cols:
+            v, s = g.get(m), g.get(f"{m}_std")
+            cells.append(_fmt(v) + (f" ± {_fmt(s)}" if (g.get("n_runs") or 1) > 1 and s is not None else ""))
+        rows.append(cells)
+    sections.append(f"<{h}>Leaderboard ({len(board)} configurations, by {html.escape(str(metric))})</{h}>" +
+                    _table(["rank", "configuration", "cache", "target", "seeds"] +
+                           [f"{m} (mean ± std)" for m in metrics_cols], rows))
+    fig = _fig_leaderboard(board, out, prefix=prefix)
+    if fig:
+        sections.append(_img(fig, f"{metric} per configuration, mean ± std over seeds"
+                                  + ("; colour = cache" if several_caches else "")))
+
+    if metric:
+        hyper = _fig_hyperparameters(runs, metric, out, prefix=prefix)
+        if hyper:
+            sections.append(f"<{h}>Metric against each swept hyperparameter</{h}>" +
+                            "".join(_img(src, f"{metric} against {key}") for key, src in hyper))
+
+    best = ranked[:TOP_CURVES]
+    fig = _fig_learning_curves(best, out, several_caches=several_caches, prefix=prefix)
+    if fig:
+        sections.append(f"<{h}>Learning curves</{h}>" + _img(fig, f"train and val loss per epoch, best {len(best)} "
+                                                                "configurations (faint: other seeds)"))
+    classify = [rs for rs in best if rs[0].task == "classify"]
+    if classify:
+        fig = _fig_roc_pr(classify, out, several_caches=several_caches, prefix=prefix)
+        if fig:
+            sections.append(f"<{h}>ROC and precision-recall</{h}>" +
+                            _img(fig, "from predictions.parquet, one seed per configuration"))
+    regress = [rs for rs in ranked if rs[0].task == "regress"][:3]
+    if regress:
+        figs = []
+        for rs in regress:
+            rank = next(g["rank"] for g in board if rs[0].run_id in g["run_ids"])
+            figs += [_img(src, f"#{rank} {rs[0].label}: predicted vs true, residuals, relative resolution")
+                     for src in _fig_regression(rs[0], out, rank=rank, prefix=prefix)]
+        if figs:
+            sections.append(f"<{h}>Regression: predicted vs true, residuals, resolution</{h}>" + "".join(figs))
+
+    # every run
+    run_metric_cols = [m for m in metrics_cols if any(m in r.row for r in runs)]
+    run_rows = [[html.escape(r.run_id), str(r.row.get("seed")), html.escape(str(r.row.get("cache_key"))[:12]),
+                 html.escape(", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.hyper.items())))] +
+                [_fmt(r.row.get(m)) for m in run_metric_cols] + [_fmt(r.row.get("seconds"))] for r in runs]
+    sections.append(f"<{h}>Runs</{h}>" + _table(["run", "seed", "cache", "hyperparameters"] + run_metric_cols +
+                                                ["seconds"], run_rows))
+    return sections
+
+
+def write_report(*, sweep_id: str | None, run_ids: Sequence[str], runs_dir: Path, out: Path) -> Path:
+    """Write ``out/index.html`` + ``out/figures/*.png`` for a sweep and/or runs; return the HTML path."""
     runs_dir, out = Path(runs_dir), Path(out)
     ids = list(run_ids)
     sweep: dict[str, Any] = {}
@@ -393,21 +467,18 @@ def write_report(*, sweep_id: str | None, run_ids: Sequence[str], runs_dir: Path
     for old in (out / "figures").glob("*.png"):
         old.unlink()  # a rerun into the same folder must not leave figures of an older report linked nowhere
 
-    board = sweep_leaderboard(runs_dir=runs_dir, run_ids=[r.run_id for r in runs])
-    metric = board[0].get("sort") if board else None
-    by_id = {r.run_id: r for r in runs}
-    # configurations in leaderboard order, each with its runs (seeds)
-    ranked: list[list[RunView]] = [[by_id[i] for i in g["run_ids"] if i in by_id] for g in board]
-    ranked = [rs for rs in ranked if rs]
-    several_caches = len({g.get("cache_key") for g in board}) > 1
-
-    sections: list[str] = []
+    # One section per (target, task): a classifier's AUROC and a regressor's MSE do not share a ranking.
+    by_problem: dict[tuple[str, str], list[RunView]] = {}
+    for r in runs:
+        by_problem.setdefault((str(r.row.get("target")), r.task), []).append(r)
+    several_problems = len(by_problem) > 1
     title = f"ftpipe report: sweep {sweep_id}" if sweep_id else f"ftpipe report: {len(runs)} run(s)"
     intro = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="note">{len(runs)} runs, {len(board)} configurations, ranked by '
-             f"<code>{html.escape(str(metric))}</code> on the selection split (test is reported, never used to "
-             f"select). Figures are PNG files in <code>figures/</code> next to this page, linked by relative "
-             f"paths: copy the whole folder.</p>"]
+             f'<p class="note">{len(runs)} runs' + (f" in {len(by_problem)} problems (target, task)"
+                                                      if several_problems else "") +
+             ". Configurations are ranked on the selection split (test is reported, never used to select); "
+             "several seeds show as mean ± std. Figures are PNG files in <code>figures/</code> next to this page, "
+             "linked by relative paths: copy the whole folder.</p>"]
     if sweep:
         groups = sweep.get("groups") or []
         strat = ", ".join(f"{g['arch']} x{g['k']}: {g['strategy']} ({html.escape(str(g.get('why', '')))})"
@@ -419,63 +490,11 @@ def write_report(*, sweep_id: str | None, run_ids: Sequence[str], runs_dir: Path
                      f"device {html.escape(str(sweep.get('device')))}; load {t.get('load_seconds', 0):.1f} s, "
                      f"train {t.get('train_seconds', 0):.1f} s, total {t.get('total_seconds', 0):.1f} s; "
                      f"strategy: {strat}</p>")
-    sections.append("\n".join(intro))
-
-    # leaderboard
-    metrics_cols = [m for m in ([metric, metric.replace("val_", "test_", 1)] if metric else []) if any(m in g for g in board)]
-    extra = [m for m in ("val_accuracy", "val_r2", "val_res68", "val_mae") if m not in metrics_cols
-             and any(m in g for g in board)]
-    metrics_cols += extra[:2]
-    rows = []
-    for g in board:
-        runs_g = [by_id[i] for i in g["run_ids"] if i in by_id]
-        cells = [str(g["rank"]), html.escape(runs_g[0].label if runs_g else str(g.get("arch"))),
-                 html.escape(str(g.get("cache_key"))[:12]), html.escape(str(g.get("target"))), str(g.get("n_runs"))]
-        for m in metrics_cols:
-            v, s = g.get(m), g.get(f"{m}_std")
-            cells.append(_fmt(v) + (f" ± {_fmt(s)}" if (g.get("n_runs") or 1) > 1 and s is not None else ""))
-        rows.append(cells)
-    sections.append("<h2>Leaderboard</h2>" + _table(["rank", "configuration", "cache", "target", "seeds"] +
-                                                     [f"{m} (mean ± std)" for m in metrics_cols], rows))
-    fig = _fig_leaderboard(board, out)
-    if fig:
-        sections.append(_img(fig, f"{metric} per configuration, mean ± std over seeds"
-                                  + ("; colour = cache" if several_caches else "")))
-
-    if metric:
-        hyper = _fig_hyperparameters(runs, metric, out)
-        if hyper:
-            sections.append("<h2>Metric against each swept hyperparameter</h2>" +
-                            "".join(_img(src, f"{metric} against {key}") for key, src in hyper))
-
-    best = ranked[:TOP_CURVES]
-    fig = _fig_learning_curves(best, out, several_caches=several_caches)
-    if fig:
-        sections.append("<h2>Learning curves</h2>" + _img(fig, f"train and val loss per epoch, best {len(best)} "
-                                                                "configurations (faint: other seeds)"))
-    classify = [rs for rs in best if rs[0].task == "classify"]
-    if classify:
-        fig = _fig_roc_pr(classify, out, several_caches=several_caches)
-        if fig:
-            sections.append("<h2>ROC and precision-recall</h2>" +
-                            _img(fig, "from predictions.parquet, one seed per configuration"))
-    regress = [rs for rs in ranked if rs[0].task == "regress"][:3]
-    if regress:
-        figs = []
-        for rs in regress:
-            rank = next(g["rank"] for g in board if rs[0].run_id in g["run_ids"])
-            figs += [_img(src, f"#{rank} {rs[0].label}: predicted vs true, residuals, relative resolution")
-                     for src in _fig_regression(rs[0], out, rank=rank)]
-        if figs:
-            sections.append("<h2>Regression: predicted vs true, residuals, resolution</h2>" + "".join(figs))
-
-    # every run
-    run_metric_cols = [m for m in metrics_cols if any(m in r.row for r in runs)]
-    run_rows = [[html.escape(r.run_id), str(r.row.get("seed")), html.escape(str(r.row.get("cache_key"))[:12]),
-                 html.escape(", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.hyper.items())))] +
-                [_fmt(r.row.get(m)) for m in run_metric_cols] + [_fmt(r.row.get("seconds"))] for r in runs]
-    sections.append("<h2>Runs</h2>" + _table(["run", "seed", "cache", "hyperparameters"] + run_metric_cols +
-                                             ["seconds"], run_rows))
+    sections: list[str] = ["\n".join(intro)]
+    for (target, task), problem_runs in by_problem.items():
+        prefix = f"{re.sub(r'[^A-Za-z0-9]+', '_', target)}_{task}_" if several_problems else ""
+        sections += _problem_sections(runs=problem_runs, runs_dir=runs_dir, out=out, prefix=prefix,
+                                      heading=f"{target} ({task})" if several_problems else "")
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")

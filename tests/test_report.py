@@ -158,3 +158,16 @@ def test_report_of_a_real_sweep_through_the_cli(tmp_path: Path):
     page = Path(res.output.strip().splitlines()[-1])
     names = {Path(s).stem for s in _assert_figures_exist(page)}
     assert {"leaderboard", "learning_curves", "roc_pr", "hyper_lr"} <= names
+
+
+def test_classification_and_regression_runs_get_a_section_each(fake_runs, tmp_path: Path):
+    runs, ids = fake_runs
+    rid = "weighted-pool_hidden96_seed0-r0"
+    _fake_run(runs, run_id=rid, task="regress", arch="weighted-pool", params={"hidden": 96}, lr=1e-3, seed=0,
+              cache_key="k1" * 32, sweep_id=None, quality=2)
+    page = write_report(sweep_id="fake-1", run_ids=[rid], runs_dir=runs, out=tmp_path / "mixed")
+    names = {Path(s).stem for s in _assert_figures_exist(page)}
+    assert {"label_classify_leaderboard", "label_classify_roc_pr", "pt_regress_leaderboard"} <= names
+    assert any(n.startswith("pt_regress_regression_1") for n in names)
+    text = page.read_text()
+    assert "label (classify)" in text and "pt (regress)" in text
