@@ -130,3 +130,49 @@ def test_vae_fusion_options_train_from_a_ragged_cache(fusion: str, tmp_path) -> 
     result = fit(config=TrainConfig(arch="vae-fusion", params={"fusion": fusion, "hidden": 16}, epochs=15, lr=3e-3,
                                     batch_size=64), features=feats)
     assert result.metrics["test"]["auroc"] > 0.8
+
+
+def _salient_step_features(*, n: int = 600, d: int = 16, seed: int = 0):
+    """Sequences of 5-40 noise steps with ONE salient step (a marker in dim 0) that alone carries the
+    label: mean pooling dilutes it by the length, attention pooling can find it."""
+    import numpy as np
+
+    from cache.ragged import Ragged
+    from cache.schema import ArraySpec
+    from pipeline.train import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(d - 1)
+    u /= np.linalg.norm(u)
+    lengths = rng.integers(5, 41, n)
+    y = rng.integers(0, 2, n).astype(np.float32)
+    seqs, means = [], []
+    for i, length in enumerate(lengths):
+        x = 0.5 * rng.standard_normal((length, d))
+        x[:, 0] = 0.0
+        j = rng.integers(length)
+        x[j, 0] = 3.0
+        x[j, 1:] += 1.5 * (2 * y[i] - 1) * u
+        seqs.append(x)
+        means.append(x.mean(0))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rag = Ragged(torch.tensor(np.concatenate(seqs), dtype=torch.float32),
+                 torch.tensor(np.stack([starts, lengths], 1), dtype=torch.long))
+    split = np.where(np.arange(n) % 5 < 3, 0, np.where(np.arange(n) % 5 < 4, 1, 2))
+    return FeatureSet.from_tensors(arrays={"seq/embed": rag, "pooled/mean": np.stack(means).astype(np.float32)},
+                                   targets={"y": y}, split=split, device=torch.device("cpu"),
+                                   specs={"seq/embed": ArraySpec("seq/embed", "float32", (d,), ragged="seq")})
+
+
+def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> None:
+    # On the built-in icu cache the two tie (see the attn_pool docstring); here the label lives in one
+    # step of a variable-length sequence, which is what attention pooling is for.
+    from pipeline.config import TrainConfig
+    from pipeline.train import fit
+
+    feats = _salient_step_features()
+    common = dict(epochs=20, lr=3e-3, batch_size=64, device="cpu")
+    linear = fit(config=TrainConfig(arch="linear", params={"features": "pooled/mean"}, **common), features=feats)
+    attn = fit(config=TrainConfig(arch="attn-pool", params={"learned_query": True, "hidden": 16}, **common),
+               features=feats)
+    assert attn.metrics["test"]["auroc"] > linear.metrics["test"]["auroc"] + 0.05, (attn.metrics, linear.metrics)

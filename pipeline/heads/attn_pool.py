@@ -10,6 +10,11 @@ Notable features:
   sample padded to any length gives the same output; an empty sequence pools to zeros (finite).
 - Reads a ragged array (default ``seq/embed``) or a dense ``(N, Q, D)`` array (``objects/embed``,
   every object present); the trainer pads ragged batches on the device (no DataLoader).
+- Measured on the built-in ``icu`` cache (setvae, 1200 stays, 3 seeds): attn-pool test AUROC 0.848
+  vs a linear head on ``pooled/mean`` 0.849 (val 0.871 both): a tie, within noise (~120 test stays).
+  The setvae's causal transformer already mixes every set into each step's embedding, so the
+  per-step embeddings hold little that their mean lacks. Where one step carries the label (a test
+  in tests/test_structured_heads.py) attn-pool wins clearly (0.95 vs 0.78).
 - The MLP is the predecessor's light head (D -> D/2, norm, ReLU, dropout 0.1 -> classes, Xavier init);
   the norm defaults to LayerNorm rather than the predecessor's BatchNorm because the trainer's last
   batch may hold one sample (BatchNorm fails on it) and LayerNorm keeps each sample independent of
