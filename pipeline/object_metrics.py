@@ -135,3 +135,27 @@ def valid_metrics(score: np.ndarray, true: np.ndarray, *, threshold: float = 0.5
     out[f"{prefix}purity"] = float(precision_score(y, pred, zero_division=0))
     out[f"{prefix}accuracy"] = float(accuracy_score(y, pred))
     return out
+
+
+def per_object_metrics(
+    *,
+    target: str,
+    y: np.ndarray,
+    pred: np.ndarray,
+    eta: np.ndarray | None = None,
+    baseline: float | None = None,
+    n_bins: int = 5,
+) -> dict[str, Any]:
+    """Metrics of a per-object regression run on one split: ``y`` (n, Q) truth with NaN for unmatched
+    objects, ``pred`` (n, Q) or (n, Q, 1) decoded predictions, ``eta`` (n, Q) truth eta for the eta bins.
+    ``baseline``: a constant prediction (e.g. the train mean) scored the same way as ``baseline_*``.
+    Unmatched objects (NaN truth) are dropped here: they are neither trained nor scored."""
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    keep = np.isfinite(y)
+    e = None if eta is None else np.asarray(eta, dtype=np.float64).reshape(-1)[keep]
+    out = object_regression_metrics(pred[keep, None], y[keep, None], fields=[target], eta=e, n_bins=n_bins)
+    if baseline is not None:
+        base = field_metrics(np.full(int(keep.sum()), float(baseline)), y[keep], field=target)
+        out.update({f"baseline_{k}": v for k, v in base.items()})
+    return out

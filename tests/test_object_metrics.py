@@ -59,3 +59,15 @@ def test_valid_metrics_efficiency_and_purity() -> None:
     assert m["valid_efficiency"] == pytest.approx(2 / 3)
     assert m["valid_purity"] == pytest.approx(2 / 3)
     assert m["valid_auroc"] == pytest.approx(5 / 6)
+
+
+def test_per_object_metrics_drops_unmatched_and_scores_a_baseline() -> None:
+    from pipeline.object_metrics import per_object_metrics
+
+    y = np.array([[1.0, np.nan], [2.0, 4.0]])
+    pred = np.array([[[1.1], [99.0]], [[2.0], [4.4]]])
+    eta = np.array([[0.1, 0.0], [-1.0, 1.0]])
+    m = per_object_metrics(target="pt", y=y, pred=pred, eta=eta, baseline=2.0, n_bins=1)
+    assert m["pt_n"] == 3 and m["baseline_pt_n"] == 3
+    assert m["pt_res68"] < m["baseline_pt_res68"]
+    assert len(m["pt_res_by_eta"]) == 1 and m["pt_res_by_eta"][0]["n"] == 3
