@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pipeline import pooling
 
 from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
 from pipeline.errors import ConfigError, DataError
@@ -374,6 +375,10 @@ class MaskFormerBackbone:
             ArraySpec("hits/features", float_dtype, (f,), ragged=HITS, meaning=f"raw hit fields: {', '.join(self.hit_fields)}"),
             ArraySpec("assign/logits", float_dtype, (q,), ragged=HITS,
                       meaning="query-hit assignment logits per hit (columns = queries)", fill=LOGIT_FILL),
+            # event-level features for pooled heads (linear, mlp*, lightgbm): e.g. particle multiplicity
+            ArraySpec("pooled/mean", float_dtype, (d,), meaning="mean of the encoded hits of the event (0 if none)"),
+            ArraySpec("pooled/objects", float_dtype, (d,),
+                      meaning="object embeddings summed with sigmoid(valid_logit) weights, divided by Q"),
         ]
         if self.particle_fields:
             for name in self.target_names:
@@ -397,6 +402,8 @@ class MaskFormerBackbone:
             "hits/embed": out["hits"][ev.mask],
             "hits/features": batch[HITS].to(device),
             "assign/logits": out["assign_logits"].transpose(1, 2)[ev.mask],
+            "pooled/mean": pooling.pool(out["hits"], mode="mean", mask=ev.mask),
+            "pooled/objects": (torch.sigmoid(out["valid_logit"].float()).unsqueeze(-1) * out["objects"].float()).mean(1),
         }
         if self.particle_fields:
             if ev.particles is None:
