@@ -128,6 +128,13 @@ def test_options_are_checked():
         _backbone(init_args={"nosuch": 1})
 
 
+def test_image_size_mismatch_is_caught_before_running(tiny: dict):
+    plan = _source(tiny["data"]).plan()
+    config = BackboneConfig(name="vit", init_args={**TINY, "img_size": 64})
+    with pytest.raises(ConfigError, match=r"\[3, 32, 32\].*\[3, 64, 64\]"):
+        BACKBONES.get("vit")(config, hparams={}, plan=plan)
+
+
 def test_stage_one_checkpoint_layout(tiny: dict):
     raw = torch.load(tiny["ckpt"], weights_only=True)
     hp = raw["hyper_parameters"]

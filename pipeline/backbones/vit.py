@@ -222,11 +222,19 @@ def build_vit(config: Any, *, hparams: dict[str, Any], plan: Any) -> VitBackbone
     options = dict(config.options)
     k = int(options.pop("last_k_blocks", 0) or 0)
     patch_tokens = bool(options.pop("patch_tokens", False))
-    image_key = str(options.pop("image_key", "images"))
+    inputs = dict((getattr(plan, "meta", None) or {}).get("inputs") or {})
+    # a single array input is the images whatever its name; several need options.image_key
+    default_key = next(iter(inputs)) if len(inputs) == 1 else "images"
+    image_key = str(options.pop("image_key", default_key))
     if options:
         raise ConfigError(f"vit: unknown option(s) {sorted(options)}; known: last_k_blocks, patch_tokens, image_key")
     if not 0 <= k <= int(args["depth"]):
         raise ConfigError(f"vit: last_k_blocks={k} must be between 0 and depth={args['depth']}")
+    shape = (inputs.get(image_key) or {}).get("shape")
+    expected = [int(args["in_chans"]), int(args["img_size"]), int(args["img_size"])]
+    if shape is not None and list(shape) != expected:
+        raise ConfigError(f"vit: input {image_key!r} has samples of shape {list(shape)}, the model expects {expected} "
+                          "(C, H, W); set init_args img_size / in_chans, or options.image_key")
     # The head exists only to load/compute stage one; extraction never calls it and drops head.* keys.
     module = VisionTransformer(**{**args, "num_classes": 0})
     return VitBackbone(module=module, init_args=args, last_k_blocks=k, patch_tokens=patch_tokens, image_key=image_key)
