@@ -5,7 +5,9 @@ Notable features:
   embedding that includes the class token, pre-norm blocks with LayerNorm eps 1e-6, fused
   ``attn.qkv``, GELU MLP, final ``norm``, ``head``), so a timm ViT state dict (``cls_token``,
   ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
-  ``norm``, ``head``) loads strictly; ``head.*`` is dropped at extraction.
+  ``norm``, ``head``) loads strictly; ``head.*`` is dropped at extraction. Checked once against
+  timm 1.0.31's ``VisionTransformer`` (same sizes): identical state-dict keys, and identical logits,
+  features and last-block CLS tokens after loading its state dict.
 - Cached outputs: ``pooled/cls`` (normed CLS token), ``pooled/mean`` (mean of the normed patch
   tokens), optionally ``pooled/cls_last<k>`` (the CLS tokens of the last k blocks, each passed
   through the final norm and concatenated: DINOv2 linear-evaluation style; option
