@@ -61,8 +61,9 @@ def synthetic_features(*, arch: str, n: int, device, seed: int = 0):
         targets = {"y": rng.uniform(0.5, 10, (n, q)).astype(np.float32)}
     else:
         targets = {"y": rng.integers(0, 2, n).astype(np.float32)}
-    return FeatureSet.from_tensors(arrays=out, targets=targets, split=np.zeros(n, np.uint8), device=device,
-                                   specs=specs)
+    return FeatureSet.from_tensors(
+        arrays=out, targets=targets, split=np.zeros(n, np.uint8), device=device, specs=specs
+    )
 
 
 def cached_features(*, ref: str, arch: str, device):
@@ -73,7 +74,9 @@ def cached_features(*, ref: str, arch: str, device):
     cache = open_cache(ref)
     available = tuple(s.name for s in cache.arrays())
     inputs = head_inputs(config=TrainConfig(arch=arch), available=available)
-    target = "pt" if "targets/pt" in available else sorted(a for a in available if a.startswith("targets/"))[0][8:]
+    target = (
+        "pt" if "targets/pt" in available else sorted(a for a in available if a.startswith("targets/"))[0][8:]
+    )
     feats = load_features(cache=cache, arrays=inputs, targets=[target], device=device)
     return feats, target
 
@@ -89,7 +92,7 @@ def loop_padded(features, names, rows):
         if isinstance(a, torch.Tensor):
             out[name] = a[rows]
             continue
-        parts = [a.values[int(s):int(s) + int(ln)] for s, ln in a.index[rows].tolist()]
+        parts = [a.values[int(s) : int(s) + int(ln)] for s, ln in a.index[rows].tolist()]
         out[name] = pad_sequence(parts, batch_first=True)
     return out
 
@@ -97,12 +100,16 @@ def loop_padded(features, names, rows):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="weighted-pool", choices=["weighted-pool", "attn-pool", "vae-fusion"])
-    ap.add_argument("--cache", default=None, help="a complete cache (path, key or prefix); default: random arrays")
+    ap.add_argument(
+        "--cache", default=None, help="a complete cache (path, key or prefix); default: random arrays"
+    )
     ap.add_argument("--n", type=int, default=2000, help="samples of the random arrays")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up batch)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: small batches on a shared CPU)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: small batches on a shared CPU)"
+    )
     args = ap.parse_args()
     import torch
 
@@ -119,8 +126,11 @@ def main() -> None:
     family = HEADS.get(args.arch)
     net, _ = family.resolve_params({})
     inputs = tuple(family.inputs(net, tuple(features.arrays)))
-    task = Task(kind="regress", n_outputs=1, per_object=True, loss="smooth_l1") if family.per_object else \
-        Task(kind="classify", n_outputs=2, classes=(0.0, 1.0))
+    task = (
+        Task(kind="regress", n_outputs=1, per_object=True, loss="smooth_l1")
+        if family.per_object
+        else Task(kind="classify", n_outputs=2, classes=(0.0, 1.0))
+    )
     torch.manual_seed(0)
     head = family.build(params=net, shapes=features.shapes(inputs), task=task)
     module = head.module.to(device).train()
@@ -136,7 +146,7 @@ def main() -> None:
     for epoch in range(args.epochs + 1):
         perm = torch.randperm(n, device=device)
         for i in range(0, n - args.batch_size + 1, args.batch_size):
-            rows = perm[i:i + args.batch_size]
+            rows = perm[i : i + args.batch_size]
             sync()
             t0 = time.perf_counter()
             batch = features.batch(inputs, rows)
@@ -161,15 +171,22 @@ def main() -> None:
 
     pad = {k: tuple(v.shape) for k, v in batch.items()}
     mb, mm, ml = (1e3 * statistics.mean(t) for t in (t_batch, t_math, t_loop))
-    print(f"ragged_batching: {args.arch} on {'cache ' + args.cache if args.cache else 'random arrays'}, "
-          f"{n} samples, batch {args.batch_size}, {len(t_batch)} timed batches, {device}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"ragged_batching: {args.arch} on {'cache ' + args.cache if args.cache else 'random arrays'}, "
+        f"{n} samples, batch {args.batch_size}, {len(t_batch)} timed batches, {device}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     print(f"  last batch: {pad}")
     print(f"  batching (index -> padded + mask, vectorised): {mb:7.2f} ms/batch")
     print(f"  head forward + backward + step:               {mm:7.2f} ms/batch")
-    print(f"  ratio batching / head arithmetic: {mb / mm:.3f}  (batching is {100 * mb / (mb + mm):.1f}% of a step)")
-    print(f"  for contrast, per-sample Python loop + pad_sequence: {ml:7.2f} ms/batch "
-          f"({ml / mb:.1f}x the vectorised batching)")
+    print(
+        f"  ratio batching / head arithmetic: {mb / mm:.3f}  "
+        f"(batching is {100 * mb / (mb + mm):.1f}% of a step)"
+    )
+    print(
+        f"  for contrast, per-sample Python loop + pad_sequence: {ml:7.2f} ms/batch "
+        f"({ml / mb:.1f}x the vectorised batching)"
+    )
 
 
 if __name__ == "__main__":

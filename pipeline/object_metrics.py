@@ -44,7 +44,7 @@ def spread(r: np.ndarray) -> dict[str, float]:
 
 
 def field_metrics(pred: np.ndarray, true: np.ndarray, *, field: str) -> dict[str, float]:
-    """Flat metrics of one field: ``<field>_res68``, ``_std``, ``_bias``, ``_mae``, ``_r2`` (+ ``charge_acc``)."""
+    """Flat metrics of one field: ``<field>_res68``, ``_std``, ``_bias``, ``_mae``, ``_r2`` (+ ``_acc``)."""
     from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
 
     pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
@@ -117,7 +117,9 @@ def object_regression_metrics(
     return out
 
 
-def valid_metrics(score: np.ndarray, true: np.ndarray, *, threshold: float = 0.5, prefix: str = "") -> dict[str, float]:
+def valid_metrics(
+    score: np.ndarray, true: np.ndarray, *, threshold: float = 0.5, prefix: str = ""
+) -> dict[str, float]:
     """Valid-object classification from probabilities ``score`` in [0, 1] and 0/1 ``true`` (NaN = unknown):
     ``auroc``, ``efficiency`` (recall of real objects), ``purity`` (precision), ``accuracy``."""
     from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score

@@ -1,4 +1,5 @@
-"""attn-pool, vae-fusion, object-valid: exact masking, finite outputs on empty inputs, predecessor formulas."""
+"""attn-pool, vae-fusion, object-valid: exact masking, finite outputs on empty inputs, the predecessors'
+formulas, and training through the shared trainer."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_object_valid_net_and_masked_bce() -> None:
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-# --------------------------------------------------------------------------- through the trainer, on cached arrays
+# ------------------------------------------------------------------ through the trainer, on cached arrays
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,15 @@ def object_cache(tmp_path_factory):
     from cache_fixtures import synthetic_cache
 
     root = tmp_path_factory.mktemp("structured")
-    return synthetic_cache(root, arrays=("objects/embed", "objects/valid_logit"), task="classify", per_object=True,
-                           n=400, q=4, seed=5)
+    return synthetic_cache(
+        root,
+        arrays=("objects/embed", "objects/valid_logit"),
+        task="classify",
+        per_object=True,
+        n=400,
+        q=4,
+        seed=5,
+    )
 
 
 def test_object_valid_reports_head_and_backbone_auroc_on_the_same_objects(object_cache) -> None:
@@ -102,10 +110,16 @@ def test_object_valid_reports_head_and_backbone_auroc_on_the_same_objects(object
     from pipeline.object_metrics import valid_metrics
     from pipeline.train import fit, load_features
 
-    feats = load_features(cache=open_cache(object_cache), arrays=["objects/embed", "objects/valid_logit"],
-                          targets=["y"], device=torch.device("cpu"))
-    result = fit(config=TrainConfig(arch="object-valid", params={"hidden": 16}, epochs=15, lr=3e-3, batch_size=64),
-                 features=feats)
+    feats = load_features(
+        cache=open_cache(object_cache),
+        arrays=["objects/embed", "objects/valid_logit"],
+        targets=["y"],
+        device=torch.device("cpu"),
+    )
+    result = fit(
+        config=TrainConfig(arch="object-valid", params={"hidden": 16}, epochs=15, lr=3e-3, batch_size=64),
+        features=feats,
+    )
     rows = feats.rows("test")
     proba = result.head.predict(features=feats, rows=rows)
     assert proba.shape == (len(rows), 4, 2)
@@ -119,16 +133,22 @@ def test_object_valid_reports_head_and_backbone_auroc_on_the_same_objects(object
 
 @pytest.mark.parametrize("fusion", ["uncertainty", "gated"])
 def test_vae_fusion_options_train_from_a_ragged_cache(fusion: str, tmp_path) -> None:
-    from cache.reader import open_cache
     from cache_fixtures import synthetic_cache
+
+    from cache.reader import open_cache
     from pipeline.config import TrainConfig
     from pipeline.train import fit, load_features
 
     path = synthetic_cache(tmp_path, arrays=("vae/mu", "vae/logvar"), task="classify", n=400, seed=2)
-    feats = load_features(cache=open_cache(path), arrays=["vae/mu", "vae/logvar"], targets=["y"],
-                          device=torch.device("cpu"))
-    result = fit(config=TrainConfig(arch="vae-fusion", params={"fusion": fusion, "hidden": 16}, epochs=15, lr=3e-3,
-                                    batch_size=64), features=feats)
+    feats = load_features(
+        cache=open_cache(path), arrays=["vae/mu", "vae/logvar"], targets=["y"], device=torch.device("cpu")
+    )
+    result = fit(
+        config=TrainConfig(
+            arch="vae-fusion", params={"fusion": fusion, "hidden": 16}, epochs=15, lr=3e-3, batch_size=64
+        ),
+        features=feats,
+    )
     assert result.metrics["test"]["auroc"] > 0.8
 
 
@@ -156,12 +176,18 @@ def _salient_step_features(*, n: int = 600, d: int = 16, seed: int = 0):
         seqs.append(x)
         means.append(x.mean(0))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    rag = Ragged(torch.tensor(np.concatenate(seqs), dtype=torch.float32),
-                 torch.tensor(np.stack([starts, lengths], 1), dtype=torch.long))
+    rag = Ragged(
+        torch.tensor(np.concatenate(seqs), dtype=torch.float32),
+        torch.tensor(np.stack([starts, lengths], 1), dtype=torch.long),
+    )
     split = np.where(np.arange(n) % 5 < 3, 0, np.where(np.arange(n) % 5 < 4, 1, 2))
-    return FeatureSet.from_tensors(arrays={"seq/embed": rag, "pooled/mean": np.stack(means).astype(np.float32)},
-                                   targets={"y": y}, split=split, device=torch.device("cpu"),
-                                   specs={"seq/embed": ArraySpec("seq/embed", "float32", (d,), ragged="seq")})
+    return FeatureSet.from_tensors(
+        arrays={"seq/embed": rag, "pooled/mean": np.stack(means).astype(np.float32)},
+        targets={"y": y},
+        split=split,
+        device=torch.device("cpu"),
+        specs={"seq/embed": ArraySpec("seq/embed", "float32", (d,), ragged="seq")},
+    )
 
 
 def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> None:
@@ -172,7 +198,14 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
 
     feats = _salient_step_features()
     common = dict(epochs=20, lr=3e-3, batch_size=64, device="cpu")
-    linear = fit(config=TrainConfig(arch="linear", params={"features": "pooled/mean"}, **common), features=feats)
-    attn = fit(config=TrainConfig(arch="attn-pool", params={"learned_query": True, "hidden": 16}, **common),
-               features=feats)
-    assert attn.metrics["test"]["auroc"] > linear.metrics["test"]["auroc"] + 0.05, (attn.metrics, linear.metrics)
+    linear = fit(
+        config=TrainConfig(arch="linear", params={"features": "pooled/mean"}, **common), features=feats
+    )
+    attn = fit(
+        config=TrainConfig(arch="attn-pool", params={"learned_query": True, "hidden": 16}, **common),
+        features=feats,
+    )
+    assert attn.metrics["test"]["auroc"] > linear.metrics["test"]["auroc"] + 0.05, (
+        attn.metrics,
+        linear.metrics,
+    )

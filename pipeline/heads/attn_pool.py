@@ -74,10 +74,14 @@ class AttentionPool(nn.Module):
 NORMS = ("layer", "batch", "none")
 
 
-def light_mlp(*, in_dim: int, out_dim: int, hidden: int | None, dropout: float, norm: str = "layer") -> nn.Sequential:
+def light_mlp(
+    *, in_dim: int, out_dim: int, hidden: int | None, dropout: float, norm: str = "layer"
+) -> nn.Sequential:
     """The predecessor's light head: in -> hidden (default in/2), norm, ReLU, dropout -> out, Xavier init."""
     hidden = hidden or max(in_dim // 2, 1)
-    norm_layer: nn.Module = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}.get(norm, lambda _: nn.Identity())(hidden)
+    norm_layer: nn.Module = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}.get(
+        norm, lambda _: nn.Identity()
+    )(hidden)
     net = nn.Sequential(
         nn.Linear(in_dim, hidden),
         norm_layer,
@@ -128,7 +132,8 @@ DEFAULTS: dict[str, Any] = {
 
 def sequence_mask(batch: Mapping[str, torch.Tensor], *, name: str, x: torch.Tensor) -> torch.Tensor:
     """The (B, L) mask of the padded array ``name``: ``<group>/mask`` of its ragged group, found by shape
-    (the group is not always the name's prefix: ``vae/mu`` is ragged over ``seq``); all-True for a dense array."""
+    (the group is not always the name's prefix: ``vae/mu`` is ragged over ``seq``); all-True for a
+    dense array."""
     prefix = f"{name.split('/')[0]}/mask"
     candidates = [prefix] + sorted(k for k in batch if k.endswith("/mask") and k != prefix)
     for key in candidates:
@@ -160,18 +165,34 @@ def _attn_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tuple
     name = str(params.get("features") or DEFAULTS["features"])
     if available and name not in available:
         seqs = [a for a in available if a.endswith("/embed") and not a.startswith("pooled/")]
-        raise TrainError(f"attn-pool reads {name!r}, which this cache lacks; per-step/per-object arrays here: "
-                         f"{seqs or 'none'} (choose with --set features=<array>)")
+        raise TrainError(
+            f"attn-pool reads {name!r}, which this cache lacks; per-step/per-object arrays here: "
+            f"{seqs or 'none'} (choose with --set features=<array>)"
+        )
     return (name,)
 
 
-@torch_head("attn-pool", tasks=("classify", "regress"), inputs=_attn_inputs, defaults=DEFAULTS,
-            test_params={"hidden": 16})
-def build_attn_pool(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+@torch_head(
+    "attn-pool",
+    tasks=("classify", "regress"),
+    inputs=_attn_inputs,
+    defaults=DEFAULTS,
+    test_params={"hidden": 16},
+)
+def build_attn_pool(
+    *, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int
+) -> nn.Module:
     name = params["features"]
     dim = shapes[name][-1]
     if params["norm"] not in NORMS:
         raise TrainError(f"attn-pool: norm must be one of {NORMS}; got {params['norm']!r}")
-    net = AttnPoolNet(dim=dim, n_out=n_outputs, hidden=params["hidden"], dropout=float(params["dropout"]),
-                      learned_query=bool(params["learned_query"]), scaled=bool(params["scaled"]), norm=params["norm"])
+    net = AttnPoolNet(
+        dim=dim,
+        n_out=n_outputs,
+        hidden=params["hidden"],
+        dropout=float(params["dropout"]),
+        learned_query=bool(params["learned_query"]),
+        scaled=bool(params["scaled"]),
+        norm=params["norm"],
+    )
     return AttnPoolHead(features=name, net=net)

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "hidden": 64,  # per-object MLP width
     "layers": 2,  # 1 = linear probe per object
     "dropout": 0.1,
-    "use_backbone_logit": False,  # also feed objects/valid_logit (then the comparison with it is not independent)
+    "use_backbone_logit": False,  # also feed objects/valid_logit (the comparison is then not independent)
 }
 
 
@@ -94,17 +94,32 @@ def _valid_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tupl
     return names
 
 
-@torch_head("object-valid", tasks=("classify",), inputs=_valid_inputs, defaults=DEFAULTS, per_object=True,
-            test_params={"hidden": 16})
-def build_object_valid(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+@torch_head(
+    "object-valid",
+    tasks=("classify",),
+    inputs=_valid_inputs,
+    defaults=DEFAULTS,
+    per_object=True,
+    test_params={"hidden": 16},
+)
+def build_object_valid(
+    *, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int
+) -> nn.Module:
     q, d = shapes[OBJECTS]
-    net = ObjectValidNet(dim=d, n_out=max(n_outputs, 2), hidden=int(params["hidden"]), layers=int(params["layers"]),
-                         dropout=float(params["dropout"]), use_backbone_logit=bool(params["use_backbone_logit"]))
+    net = ObjectValidNet(
+        dim=d,
+        n_out=max(n_outputs, 2),
+        hidden=int(params["hidden"]),
+        layers=int(params["layers"]),
+        dropout=float(params["dropout"]),
+        use_backbone_logit=bool(params["use_backbone_logit"]),
+    )
     return ObjectValidHead(net=net)
 
 
-def backbone_valid_metrics(*, features: "FeatureSet", rows: "torch.Tensor", target: str = "valid",
-                           logit: str = VALID_LOGIT) -> dict[str, float]:
+def backbone_valid_metrics(
+    *, features: "FeatureSet", rows: "torch.Tensor", target: str = "valid", logit: str = VALID_LOGIT
+) -> dict[str, float]:
     """The backbone's own existence logit scored like the head (AUROC, efficiency, purity at p = 0.5)
     on ``rows``; ``features`` must hold ``objects/valid_logit``."""
     from pipeline.object_metrics import valid_metrics

@@ -90,7 +90,7 @@ class VaeFusionNet(nn.Module):
 
 MU, LOGVAR = "vae/mu", "vae/logvar"
 DEFAULTS: dict[str, Any] = {
-    "fusion": "gated",  # gated (learned gate between mean and std projections) | uncertainty (predecessor weighting)
+    "fusion": "gated",  # gated (learned gate, mean vs std projections) | uncertainty (predecessor weighting)
     "fused_dim": None,  # width of the gated projections; None = D
     "pool": "mean",  # mean | attn: how fused sets are pooled per sample (masked)
     "hidden": None,  # MLP hidden width; None = half the fused width
@@ -114,18 +114,38 @@ class VaeFusionHead(nn.Module):
 def _vae_inputs(params: Mapping[str, Any], available: tuple[str, ...]) -> tuple[str, ...]:
     missing = [n for n in (MU, LOGVAR) if n not in available]
     if available and missing:
-        raise TrainError(f"vae-fusion reads {MU} and {LOGVAR}; this cache lacks {missing} "
-                         f"(extract with a VAE backbone such as setvae)")
+        raise TrainError(
+            f"vae-fusion reads {MU} and {LOGVAR}; this cache lacks {missing} "
+            f"(extract with a VAE backbone such as setvae)"
+        )
     return (MU, LOGVAR)
 
 
-@torch_head("vae-fusion", tasks=("classify", "regress"), inputs=_vae_inputs, defaults=DEFAULTS,
-            test_params={"hidden": 16})
-def build_vae_fusion(*, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int) -> nn.Module:
+@torch_head(
+    "vae-fusion",
+    tasks=("classify", "regress"),
+    inputs=_vae_inputs,
+    defaults=DEFAULTS,
+    test_params={"hidden": 16},
+)
+def build_vae_fusion(
+    *, params: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_outputs: int
+) -> nn.Module:
     if params["fusion"] not in FUSIONS or params["pool"] not in POOLS or params["norm"] not in NORMS:
-        raise TrainError(f"vae-fusion: fusion in {FUSIONS}, pool in {POOLS}, norm in {NORMS}; got "
-                         f"{params['fusion']!r}, {params['pool']!r}, {params['norm']!r}")
+        raise TrainError(
+            f"vae-fusion: fusion in {FUSIONS}, pool in {POOLS}, norm in {NORMS}; got "
+            f"{params['fusion']!r}, {params['pool']!r}, {params['norm']!r}"
+        )
     dim = shapes[MU][-1]
-    return VaeFusionHead(net=VaeFusionNet(dim=dim, n_out=n_outputs, fusion=params["fusion"],
-                                          fused_dim=params["fused_dim"], pool=params["pool"], hidden=params["hidden"],
-                                          dropout=float(params["dropout"]), norm=params["norm"]))
+    return VaeFusionHead(
+        net=VaeFusionNet(
+            dim=dim,
+            n_out=n_outputs,
+            fusion=params["fusion"],
+            fused_dim=params["fused_dim"],
+            pool=params["pool"],
+            hidden=params["hidden"],
+            dropout=float(params["dropout"]),
+            norm=params["norm"],
+        )
+    )
