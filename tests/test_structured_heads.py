@@ -209,3 +209,19 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
         attn.metrics,
         linear.metrics,
     )
+
+
+def test_attn_pool_over_dense_per_object_embeddings_is_permutation_invariant() -> None:
+    from pipeline.heads.base import Task
+    from pipeline.registry import HEADS
+
+    family = HEADS.get("attn-pool")
+    net, _ = family.resolve_params({"features": "objects/embed", "hidden": 8})
+    assert family.inputs(net, ("objects/embed", "pooled/mean")) == ("objects/embed",)
+    head = family.build(params=net, shapes={"objects/embed": (5, D)}, task=Task(kind="classify", n_outputs=2))
+    head.module.eval()
+    x = torch.randn(3, 5, D)
+    out = head.module({"objects/embed": x})
+    shuffled = head.module({"objects/embed": x[:, torch.randperm(5)]})
+    assert out.shape == (3, 2)
+    torch.testing.assert_close(out, shuffled, rtol=1e-5, atol=1e-6)
