@@ -6,6 +6,11 @@ whose truth is NaN; rows with a NaN truth are also dropped here, per field). Con
   68% interval (robust to the tails a few badly assigned tracks produce; equals sigma for a
   Gaussian), plus ``std`` and the median as ``bias``. For pt (``relative_fields``) the residual
   is ``(pred - true) / true``; for phi it is wrapped into [-pi, pi).
+- Caution: the relative ``res68`` alone rewards under-prediction: a constant c has residuals
+  ``c / true - 1`` whose spread shrinks with c (on the built-in tracks cache a constant 0.3 GeV
+  scores res68 0.16, the train mean 1.73). Compare predictors with ``logres68``, the res68 of
+  ``ln(pred / true)`` (predictions clipped to > 0): scale-free, so every constant predictor scores
+  the spread of ln(true) and only real information lowers it; and read ``res68`` with its bias.
 - Binned resolution (pt in bins of true pt and of true eta) is returned as a list of rows.
 - Charge accuracy: sign of the prediction vs the true charge (scikit-learn ``accuracy_score``).
 - Valid-object classification: AUROC, efficiency (recall of real objects) and purity (precision)
@@ -43,6 +48,12 @@ def spread(r: np.ndarray) -> dict[str, float]:
     return {"res68": float((hi - lo) / 2), "std": float(np.std(r)), "bias": float(med), "n": int(r.size)}
 
 
+def log_res68(pred: np.ndarray, true: np.ndarray, *, floor: float = 1e-3) -> float:
+    """res68 of ln(pred / true), predictions clipped to >= ``floor`` (a non-positive pt is a gross error)."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    return spread(np.log(np.clip(pred, floor, None) / true))["res68"]
+
+
 def field_metrics(pred: np.ndarray, true: np.ndarray, *, field: str) -> dict[str, float]:
     """Flat metrics of one field: ``<field>_res68``, ``_std``, ``_bias``, ``_mae``, ``_r2`` (+ ``_acc``)."""
     from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
@@ -55,6 +66,8 @@ def field_metrics(pred: np.ndarray, true: np.ndarray, *, field: str) -> dict[str
         return out
     s = spread(residuals(pred, true, field=field))
     out.update({f"{field}_{k}": v for k, v in s.items() if k != "n"})
+    if field in RELATIVE_FIELDS and (true > 0).all():
+        out[f"{field}_logres68"] = log_res68(pred, true)
     out[f"{field}_mae"] = float(mean_absolute_error(true, pred))
     if true.size > 1 and np.ptp(true) > 0:
         out[f"{field}_r2"] = float(r2_score(true, pred))

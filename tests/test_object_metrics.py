@@ -71,3 +71,18 @@ def test_per_object_metrics_drops_unmatched_and_scores_a_baseline() -> None:
     assert m["pt_n"] == 3 and m["baseline_pt_n"] == 3
     assert m["pt_res68"] < m["baseline_pt_res68"]
     assert len(m["pt_res_by_eta"]) == 1 and m["pt_res_by_eta"][0]["n"] == 3
+
+
+def test_logres68_cannot_be_gamed_by_a_constant_but_res68_can() -> None:
+    from pipeline.object_metrics import log_res68
+
+    rng = np.random.default_rng(2)
+    true = np.exp(rng.uniform(np.log(0.5), np.log(10), 5000))
+    small, large = (
+        field_metrics(np.full_like(true, 0.3), true, field="pt"),
+        field_metrics(np.full_like(true, 5.0), true, field="pt"),
+    )
+    assert small["pt_res68"] < 0.2 < 1.0 < large["pt_res68"]  # the relative spread rewards under-prediction
+    assert small["pt_logres68"] == pytest.approx(large["pt_logres68"])  # every constant scores the same
+    good = true * np.exp(0.1 * rng.standard_normal(true.size))
+    assert log_res68(good, true) == pytest.approx(0.1, rel=0.05)
