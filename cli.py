@@ -70,9 +70,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.version_option(__version__, prog_name="ftpipe")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Run frozen backbones once into a Zarr feature cache, then train many heads from it in seconds."""
-    _setup_logging(-1 if quiet else verbose)
+    ctx.obj = {"verbose": -1 if quiet else verbose}
+    _setup_logging(ctx.obj["verbose"])
 
 
 # ---------------------------------------------------------------- phase one
@@ -377,10 +379,14 @@ def list_(what):
 @click.option("--family", type=click.Choice(["tracks", "icu", "images", "all"]), default="tracks", show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @device_option
-def demo(workdir, family, size, device):
+@click.pass_context
+def demo(ctx, workdir, family, size, device):
     """The whole pipeline on built-in synthetic data: make-data -> pretrain -> extract -> sweep -> report."""
     from pipeline.config import resolve_device
     from pipeline.demo import run_demo
+
+    if ctx.obj["verbose"] == 0:  # the demo narrates each step itself; library INFO lines only with -v
+        logging.getLogger().setLevel(logging.WARNING)
 
     run_demo(workdir=Path(workdir), family=family, size=size, device=resolve_device(device or "auto"),
              echo=click.echo)

@@ -42,7 +42,7 @@ class DemoFamily:
     pretrain_epochs: dict[str, int]
     pretrain_options: dict[str, dict[str, Any]]
     sweeps: list[DemoSweep]
-    speed_head: dict[str, Any]  # the head timed against the frozen-backbone-in-the-loop way
+    speed_heads: list[dict[str, Any]]  # heads timed against the frozen-backbone-in-the-loop way
 
 
 POOLED_GRID = [
@@ -63,12 +63,16 @@ FAMILIES: dict[str, DemoFamily] = {
                       grids=[{"arch": ["object-valid"], "lr": [1.0e-3]}], train={"epochs": 15},
                       headline="test_auroc"),
             DemoSweep(name="track-pt", target="pt", task="regress",
-                      grids=[{"arch": ["weighted-pool"], "inverse": [False, True]}],
-                      train={"epochs": 25, "batch_size": 64}, headline="test_res68"),
+                      grids=[{"arch": ["weighted-pool"], "inverse": [False, True], "loss": ["smooth_l1"]},
+                             {"arch": ["weighted-pool"], "inverse": [True], "loss": ["smooth_l1"],
+                              "circle_fit": [[0, 1]]}],  # hit_x, hit_y: the assignment-weighted circle fit
+                      train={"epochs": 25, "batch_size": 32}, headline="test_logres68"),
             DemoSweep(name="event-multiplicity", target="n_particles", task="classify", grids=POOLED_GRID,
                       train={"epochs": 20}, headline="test_accuracy"),
         ],
-        speed_head={"arch": "weighted-pool", "target": "pt", "task": "regress", "batch_size": 64},
+        speed_heads=[{"arch": "mlp2", "target": "n_particles", "task": "classify",
+                      "params": {"features": "pooled/objects"}},
+                     {"arch": "weighted-pool", "target": "pt", "task": "regress", "batch_size": 64}],
     ),
     "icu": DemoFamily(
         generator="icu",
@@ -84,14 +88,16 @@ FAMILIES: dict[str, DemoFamily] = {
                              {"arch": ["attn-pool", "vae-fusion"]}],
                       train={"epochs": 20}, headline="test_auroc"),
         ],
-        speed_head={"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/attn"}},
+        speed_heads=[{"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/attn"}},
+                     {"arch": "attn-pool", "target": "label", "task": "classify"}],
     ),
     "images": DemoFamily(
         generator="images",
         backbone="vit",
         data_file="images.npz",
-        n={"tiny": 600, "small": 3000},
-        pretrain_epochs={"tiny": 3, "small": 8},
+        # a ViT from scratch needs enough steps: 1200 x 12 epochs stayed at 0.48 val accuracy, 2000 x 10 gave 0.82
+        n={"tiny": 2000, "small": 3000},
+        pretrain_epochs={"tiny": 10, "small": 15},
         pretrain_options={"tiny": {}, "small": {}},
         sweeps=[
             DemoSweep(name="image-label", target="label", task="classify",
@@ -99,7 +105,7 @@ FAMILIES: dict[str, DemoFamily] = {
                              {"arch": ["lightgbm"], "features": ["pooled/cls"]}],
                       train={"epochs": 20}, headline="test_accuracy"),
         ],
-        speed_head={"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/cls"}},
+        speed_heads=[{"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/cls"}}],
     ),
 }
 
@@ -186,6 +192,7 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
             "headline": demo_sweep.headline, "best_headline": best.get(demo_sweep.headline),
             "leaderboard": [{k: v for k, v in row.items() if k in ("arch", "params", demo_sweep.headline,
                                                                     "val_auroc", "test_auroc", "test_res68",
+                                                                    "test_logres68", "test_res_bias",
                                                                     "test_accuracy", "val_mse")}
                             for row in result.leaderboard],
         }
@@ -202,9 +209,10 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
         echo(_indent(format_leaderboard(rows, fmt="table")))
     if name == "tracks":
         summary["pt_mean_predictor"] = _mean_predictor_resolution(cache_path=first.path, target="pt")
-        best = sweeps["track-pt"]["best_headline"]
-        echo(f"  pt resolution (test res68 of (pred-true)/true): best head {best:.3f} vs mean predictor "
-             f"{summary['pt_mean_predictor']:.3f}")
+        best = min(r.get("test_logres68", float("inf")) for r in sweeps["track-pt"]["leaderboard"])
+        sweeps["track-pt"]["best_headline"] = best
+        echo(f"  pt resolution on test (res68 of ln(pred/true), which no constant can game): best head {best:.3f} "
+             f"vs the mean predictor {summary['pt_mean_predictor']:.3f}")
 
     # 6. report
     from pipeline.report import write_report
@@ -227,12 +235,14 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     from pipeline.speed import measure_backbone_speedup
 
     _step(echo, 8, "per-epoch time: head from the cache vs the frozen backbone in the loop (measured now)")
-    speed = measure_backbone_speedup(config=config, checkpoint=ckpt, cache_path=first.path, head=fam.speed_head,
-                                 device=device)
-    summary["speedup"] = speed
-    echo(f"  one epoch, old way (frozen {fam.backbone} on every batch): {speed['frozen_epoch_s']:.3f} s; "
-         f"from the cache: {speed['cached_epoch_s']:.4f} s")
-    echo(f"  speedup per epoch: {speed['ratio']:.0f}x")
+    summary["speedup"] = []
+    for head in fam.speed_heads:
+        speed = measure_backbone_speedup(config=config, checkpoint=ckpt, cache_path=first.path, head=head,
+                                         device=device)
+        summary["speedup"].append(speed)
+        echo(f"  {head['arch']} ({head['target']}): one epoch with the frozen {fam.backbone} on every batch "
+             f"{speed['frozen_epoch_s']:.2f} s, from the cache {speed['cached_epoch_s']:.3f} s "
+             f"-> {speed['ratio']:.0f}x faster per epoch")
 
     summary["seconds"] = time.perf_counter() - started
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -246,7 +256,7 @@ def _indent(text: str) -> str:
 
 
 def _mean_predictor_resolution(*, cache_path: Path, target: str) -> float:
-    """res68 on test of always predicting the train mean (the bar a regression head must clear)."""
+    """logres68 on test of always predicting the train mean (the bar a regression head must clear)."""
     import numpy as np
 
     from cache.reader import open_cache
@@ -257,4 +267,4 @@ def _mean_predictor_resolution(*, cache_path: Path, target: str) -> float:
     train, test = reader.rows("train"), reader.rows("test")
     y_test = y[test].reshape(-1, 1)  # per-object targets flatten to one column; NaN (unmatched) is skipped
     pred = np.full_like(y_test, np.nanmean(y[train]))
-    return float(regression_metrics(y=y_test, pred=pred)["res68"])
+    return float(regression_metrics(y=y_test, pred=pred)["logres68"])

@@ -7,7 +7,10 @@ one class present) is NaN, never an exception.
 
 Relative resolution (regression): r = (pred - true) / true over entries with true != 0;
 ``res68`` is the half-width of the central 68% interval of r, (q84 - q16) / 2 (equals sigma for a
-Gaussian, robust to the long tails 1/pt regressions have); ``res_bias`` is the median of r.
+Gaussian, robust to the long tails 1/pt regressions have); ``res_bias`` is the median of r. Read res68
+with its bias: it rewards under-prediction (a constant c has residuals c / true - 1, whose spread shrinks
+with c). ``logres68`` = res68 of ln(pred / true) (positive targets only) is scale-free: every constant
+predictor scores the spread of ln(true), so only real information lowers it; compare predictors with it.
 """
 
 from __future__ import annotations
@@ -97,6 +100,17 @@ def classification_metrics(*, labels: np.ndarray, proba: np.ndarray, light: bool
     return out
 
 
+def log_resolution(y: np.ndarray, pred: np.ndarray) -> float:
+    """res68 of ln(pred / y) over y > 0 (predictions clipped to > 0). Scale-free: every constant predictor
+    scores the spread of ln(y), so unlike the relative res68 a biased guess cannot look good."""
+    keep = (y > 0) & np.isfinite(y) & np.isfinite(pred)
+    if not keep.any() or (y[np.isfinite(y) & (y != 0)] < 0).any():
+        return math.nan
+    r = np.log(np.clip(pred[keep], 1e-12, None)) - np.log(y[keep])
+    q16, q84 = np.percentile(r, [16, 84])
+    return float((q84 - q16) / 2)
+
+
 def relative_resolution(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     """(res68, median bias) of (pred - y) / y over y != 0 (see module docstring)."""
     nz = (y != 0) & np.isfinite(y) & np.isfinite(pred)
@@ -113,7 +127,7 @@ def regression_metrics(*, y: np.ndarray, pred: np.ndarray, light: bool = False) 
 
     k = y.shape[1]
     out: dict[str, float] = {"n": float(len(y))}
-    cols: dict[str, list[float]] = {m: [] for m in ("mse", "mae", "r2", "res68", "res_bias")}
+    cols: dict[str, list[float]] = {m: [] for m in ("mse", "mae", "r2", "res68", "res_bias", "logres68")}
     for j in range(k):
         keep = ~np.isnan(y[:, j])
         yj, pj = y[keep, j], pred[keep, j]
@@ -124,6 +138,7 @@ def regression_metrics(*, y: np.ndarray, pred: np.ndarray, light: bool = False) 
                     "r2": float(skm.r2_score(yj, pj)) if len(yj) > 1 else math.nan}
             if not light:
                 vals["res68"], vals["res_bias"] = relative_resolution(yj, pj)
+                vals["logres68"] = log_resolution(yj, pj)
         for m, v in vals.items():
             cols[m].append(v)
             if k > 1:
