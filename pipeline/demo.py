@@ -55,8 +55,9 @@ FAMILIES: dict[str, DemoFamily] = {
         generator="tracks",
         backbone="maskformer",
         data_file="tracks.parquet",
-        n={"tiny": 600, "small": 2000},
-        pretrain_epochs={"tiny": 6, "small": 12},
+        # tiny must still give the hit assignment quality the pt circle fit needs (1000 x 10 epochs did not)
+        n={"tiny": 1600, "small": 2000},
+        pretrain_epochs={"tiny": 12, "small": 12},
         pretrain_options={"tiny": {}, "small": {}},
         sweeps=[
             DemoSweep(name="track-valid", target="valid", task="classify",
