@@ -28,7 +28,9 @@ Notable features (the hepattn frozen-encoder regression task, on cached arrays):
   events inverse 0.74, r2 of 1/pt 0.46. So pt is learnt slowly, while a circle fit to the same
   cached hits reaches relative res68 0.3-0.5 (small bias) from 2000 events. Max/min
   pooling is spoilt by the ~10% wrongly assigned hits at threshold 0.1 and by hit phi wrapping at
-  +-pi; the mean/sum poolings carry curvature only as products of moments. Known limitation.
+  +-pi; the mean/sum poolings carry curvature only as products of moments. With ``circle_fit: [0, 1]``
+  (the fit hands the curvature over as one number) inverse reaches 0.29 (`ftpipe demo`, 2000 events,
+  25 epochs, mean predictor 1.02) and 0.38 at the demo's tiny size.
 """
 
 from __future__ import annotations
