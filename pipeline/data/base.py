@@ -61,7 +61,11 @@ def split_codes(values: np.ndarray, *, where: str) -> np.ndarray:
 
 def ratio_split(n: int, ratios: list[float], *, seed: int) -> np.ndarray:
     """An explicit, seeded train/val/test assignment (only when the user asked with --split-ratios)."""
-    rng = np.random.default_rng(seed)
+    return assign_splits(n, ratios, rng=np.random.default_rng(seed))
+
+
+def assign_splits(n: int, ratios: "list[float] | tuple[float, ...]", *, rng: np.random.Generator) -> np.ndarray:
+    """uint8 split codes: a random ``ratios[0]`` of the samples train, ``ratios[1]`` val, the rest test."""
     order = rng.permutation(n)
     codes = np.empty(n, dtype=np.uint8)
     n_train = int(round(ratios[0] * n))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.base import SPLIT_NAMES, assign_splits
 from pipeline.registry import register_generator
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,7 @@ def simulate(*, n: int, seed: int) -> dict[str, list]:
         out["set_time"].append(times)
         out["set_size"].append(measured.sum(axis=1).astype(np.int32))
 
-    order = rng.permutation(n)
-    split = np.empty(n, dtype=object)
-    n_train = int(round(SPLIT_FRACTIONS[0] * n))
-    n_val = int(round(SPLIT_FRACTIONS[1] * n))
-    split[order[:n_train]] = "train"
-    split[order[n_train : n_train + n_val]] = "val"
-    split[order[n_train + n_val :]] = "test"
+    split = np.asarray(SPLIT_NAMES, dtype=object)[assign_splits(n, SPLIT_FRACTIONS, rng=rng)]
     out["patient_id"] = list(np.arange(n, dtype=np.int64) + 100_000)
     out["split"] = list(split)
     out["label"] = list(label)

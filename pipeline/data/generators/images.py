@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.base import SPLIT_NAMES, assign_splits
 from pipeline.registry import register_generator
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,7 @@ def draw(*, n: int, seed: int, noise: float = NOISE_STD) -> dict[str, np.ndarray
         img = np.where(mask[None], colour[:, None, None], background[:, None, None])
         img = img + rng.normal(0.0, noise, img.shape)
         images[i] = np.clip(img, 0.0, 1.0)
-    order = rng.permutation(n)
-    split = np.empty(n, dtype="<U5")
-    n_train = int(round(SPLIT_FRACTIONS[0] * n))
-    n_val = int(round(SPLIT_FRACTIONS[1] * n))
-    split[order[:n_train]] = "train"
-    split[order[n_train : n_train + n_val]] = "val"
-    split[order[n_train + n_val :]] = "test"
+    split = np.asarray(SPLIT_NAMES, dtype="<U5")[assign_splits(n, SPLIT_FRACTIONS, rng=rng)]
     return {"images": images, "label": labels, "split": split, "sample_id": np.arange(n, dtype=np.int64)}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.base import SPLIT_NAMES, assign_splits
 from pipeline.registry import register_generator
 
 log = logging.getLogger(__name__)
@@ -153,13 +154,7 @@ def generate_tracks(
     rng = np.random.default_rng(seed)
     events = [_event(rng, smear=smear) for _ in tqdm(range(n), desc="tracks", unit="event", disable=n < 5000)]
 
-    order = rng.permutation(n)
-    split = np.empty(n, dtype=object)
-    n_train = int(round(SPLIT_FRACTIONS[0] * n))
-    n_val = int(round(SPLIT_FRACTIONS[1] * n))
-    split[order[:n_train]] = "train"
-    split[order[n_train : n_train + n_val]] = "val"
-    split[order[n_train + n_val :]] = "test"
+    split = np.asarray(SPLIT_NAMES, dtype=object)[assign_splits(n, SPLIT_FRACTIONS, rng=rng)]
 
     columns: dict[str, pa.Array] = {
         "event_id": pa.array(np.arange(n, dtype=np.int64)),
