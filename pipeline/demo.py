@@ -87,7 +87,8 @@ FAMILIES: dict[str, DemoFamily] = {
                       grids=[{"arch": ["linear", "mlp2", "mlp3"], "features": ["pooled/attn"]},
                              {"arch": ["lightgbm"], "features": ["pooled/attn"]},
                              {"arch": ["attn-pool", "vae-fusion"]}],
-                      train={"epochs": 20}, headline="test_auroc"),
+                      # a few hundred patients: small batches, or a head gets only ~2 steps per epoch
+                      train={"epochs": 30, "batch_size": 32}, headline="test_auroc"),
         ],
         speed_heads=[{"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/attn"}},
                      {"arch": "attn-pool", "target": "label", "task": "classify"}],
@@ -104,7 +105,7 @@ FAMILIES: dict[str, DemoFamily] = {
             DemoSweep(name="image-label", target="label", task="classify",
                       grids=[{"arch": ["linear", "mlp2", "mlp3"], "features": ["pooled/cls"]},
                              {"arch": ["lightgbm"], "features": ["pooled/cls"]}],
-                      train={"epochs": 20}, headline="test_accuracy"),
+                      train={"epochs": 20, "batch_size": 64}, headline="test_accuracy"),
         ],
         speed_heads=[{"arch": "mlp2", "target": "label", "task": "classify", "params": {"features": "pooled/cls"}}],
     ),

@@ -80,3 +80,15 @@ def test_second_demo_run_reuses_everything(demo_run):
     second = json.loads((workdir / "tracks" / "summary.json").read_text())
     assert second["cache"]["reused_first"] is True and second["cache"]["key"] == first["cache"]["key"]
     assert all(s["trained"] == 0 for s in second["sweeps"].values())
+
+
+@pytest.mark.parametrize("family,sweep", [("icu", "icu-label"), ("images", "image-label")])
+def test_other_families_run_end_to_end(tmp_path, family, sweep):
+    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--workdir", str(tmp_path), "--family", family,
+                           "--size", "tiny"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / family / "summary.json").read_text())
+    assert summary["reuse"]["reused"] is True
+    best = summary["sweeps"][sweep]["leaderboard"][0]
+    assert best["test_auroc"] > 0.8  # icu: binary label from trajectories; images: 4 shapes (macro one-vs-rest)
+    assert Path(summary["report"]).is_file()
