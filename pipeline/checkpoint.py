@@ -164,7 +164,12 @@ def _unpickling_error(path: Path, exc: Exception, *, trust: bool) -> CheckpointE
             f"checkpoint {path} contains a pickled Python object ({match.group(1)}) that safe loading "
             "(weights_only) refuses; if you trust the file, pass --trust-checkpoint, or re-save only its "
             "state_dict / use safetensors")
-    if "truncated" in text or match:  # an unresolvable global name is a cut-off pickle stream
+    if match and not trust:  # intact file, but the class it pickled cannot be imported in this environment
+        return CheckpointError(
+            f"checkpoint {path} contains a pickled object of {match.group(1)}, which safe loading refuses and "
+            "which cannot be imported here; re-save only its state_dict (or use safetensors), or install the "
+            "package that defines it and pass --trust-checkpoint if you trust the file")
+    if "truncated" in text:
         return CheckpointError(f"checkpoint {path} is truncated or corrupted; copy or save it again")
     return CheckpointError(f"{path} is not a readable checkpoint ({_first_line(exc)}); expected a Lightning "
                            ".ckpt, a torch.save'd state dict, safetensors or TorchScript")

@@ -153,3 +153,21 @@ def test_pickled_object_needs_trust(tmp_path):
     assert "argparse.Namespace" in str(err.value)
     ckpt = read_checkpoint(tmp_path / "p.ckpt", trust=True)
     assert ckpt.hyper_parameters == {"dim": 16}
+
+
+def test_object_of_a_class_not_importable_is_not_called_truncated(tmp_path):
+    """An intact checkpoint holding an object whose class lives in someone's __main__ script."""
+    import subprocess
+    import sys
+
+    from pipeline.checkpoint import read_checkpoint
+    from pipeline.errors import CheckpointError
+
+    path = tmp_path / "with_object.ckpt"
+    code = ("import torch\nclass Settings: pass\n"
+            f"torch.save({{'state_dict': {{'w': torch.zeros(2)}}, 'settings': Settings()}}, {str(path)!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path, trust=False)
+    message = str(err.value)
+    assert "__main__.Settings" in message and "truncated" not in message and "state_dict" in message
