@@ -121,6 +121,23 @@ def _build_backbone(*, config: ExtractConfig, hparams: dict[str, Any], plan: Any
     return BACKBONES.get(str(config.backbone.name))(config.backbone, hparams=hparams, plan=plan)
 
 
+def load_frozen_backbone(*, config: ExtractConfig, checkpoint: Path, plan: Any, device: Any,
+                         config_dir: Path | None = None) -> tuple[Any, Any, str]:
+    """Build the backbone, load + verify the checkpoint, THEN freeze (the order the predecessor scripts got
+    wrong), and move it to ``device``. Returns (backbone adapter, load report, checkpoint format)."""
+    from pipeline.checkpoint import load_and_freeze, read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
+    config_dir = Path(config_dir) if config_dir is not None else None
+    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=config_dir)
+    name = config.backbone.name or str(config.backbone.class_path)
+    init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
+    report = load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
+                             extra_strip=config.backbone.strip_prefixes, init_args=init_args, name=name)
+    backbone.module.to(device)
+    return backbone, report, ckpt.format
+
+
 def _contiguous_runs(units: list[Any]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for u in sorted(units, key=lambda u: u.start):
@@ -201,7 +218,6 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     from cache.key import cache_path, checkpoint_digest, make_key
     from cache.schema import CacheSchema
     from cache.writer import CacheWriter, create_cache, read_meta
-    from pipeline.checkpoint import load_and_freeze, read_checkpoint
     from pipeline.data import open_data
 
     t_start = time.perf_counter()
@@ -233,17 +249,10 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
         log.info("resuming cache %s (status %s)", path, meta["status"])
 
     device = resolve_device(config.device)
-    # load + verify, THEN freeze (load_and_freeze): the order the predecessor scripts got wrong
-    ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
-    config_dir = Path(config_dir) if config_dir is not None else None
-    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=config_dir)
+    backbone, report, ckpt_fmt = load_frozen_backbone(config=config, checkpoint=checkpoint, plan=plan,
+                                                      device=device, config_dir=config_dir)
     name = config.backbone.name or str(config.backbone.class_path)
     init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
-    report = load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
-                             extra_strip=config.backbone.strip_prefixes, init_args=init_args, name=name)
-    ckpt_fmt = ckpt.format
-    del ckpt  # the module holds its own copy now
-    backbone.module.to(device)
 
     dataset = source.dataset()
     if hasattr(backbone, "probe"):  # class_path backbones learn their output shapes from one small batch

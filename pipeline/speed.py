@@ -207,10 +207,9 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
 
     from cache.ragged import Ragged
     from cache.reader import open_cache
-    from pipeline.checkpoint import load_and_freeze, read_checkpoint
     from pipeline.config import TrainConfig
     from pipeline.data import open_data
-    from pipeline.extract import _build_backbone
+    from pipeline.extract import load_frozen_backbone
     from pipeline.train import FeatureSet, fit, head_inputs, load_features
 
     train_cfg = TrainConfig(arch=head["arch"], target=head["target"], task=head.get("task"),
@@ -227,13 +226,7 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     # the old way: frozen backbone on every batch
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
     plan = source.plan()
-    ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
-    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=None)
-    init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
-    load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
-                    extra_strip=config.backbone.strip_prefixes, init_args=init_args,
-                    name=config.backbone.name or str(config.backbone.class_path))
-    backbone.module.to(device)
+    backbone, _, _ = load_frozen_backbone(config=config, checkpoint=checkpoint, plan=plan, device=device)
     specs = {s.name: s for s in backbone.output_specs(plan=plan, float_dtype="float32")}
     lengths = {g: np.asarray(v, dtype=np.int64) for g, v in backbone.ragged_lengths(plan=plan).items()}
     plan_targets = {f"targets/{k}": v for k, v in plan.targets.items()}
