@@ -530,6 +530,7 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
     import shutil
 
     from pipeline import train as T
+    from pipeline.registry import HEADS
 
     available = tuple(s.name for s in plan.reader.arrays())
     arrays: list[str] = []
@@ -538,6 +539,9 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
         arrays += [a for a in T.head_inputs(config=trial.config, available=available) if a not in arrays]
         t = T.resolve_target(config=trial.config, available=available)
         targets += [t] if t not in targets else []
+    per_object_regress = any(HEADS.get(trial.config.arch).per_object for trial, _ in plan.todo)
+    if per_object_regress and "targets/eta" in available and "eta" not in targets:
+        targets.append("eta")  # only for the eta-binned resolution in object_metrics.json
     t0 = time.perf_counter()
     features = T.load_features(cache=plan.reader, arrays=arrays, targets=targets, device=device,
                                memory_budget_gb=spec.train.get("memory_budget_gb"))

@@ -628,6 +628,11 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
     paths["history"] = str(R.write_table(run_dir / "history.parquet", R.history_columns(fit_result.history)))
     (run_dir / "metrics.json").write_text(json.dumps(fit_result.metrics, indent=2, default=_json_float))
     paths["metrics"] = str(run_dir / "metrics.json")
+    if fit_result.task.per_object and fit_result.task.kind == "regress":
+        path = run_dir / "object_metrics.json"
+        path.write_text(json.dumps(object_metrics(fit_result=fit_result, features=features), indent=2,
+                                   default=_json_float))
+        paths["object_metrics"] = str(path)
     paths["predictions"] = str(R.write_table(run_dir / "predictions.parquet",
                                              R.prediction_columns(fit_result.predictions, task=fit_result.task,
                                                                   splits=("val", "test"))))
@@ -641,6 +646,26 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
                      metrics=fit_result.metrics, paths=paths, seconds=fit_result.seconds, sweep_id=sweep_id)
 
 
+def object_metrics(*, fit_result: FitResult, features: FeatureSet) -> dict[str, Any]:
+    """Per-object regression figures per split (``object_metrics.json``): resolution of the target field
+    (pt: also binned in true pt, and in true eta when ``targets/eta`` was loaded), and the same figures for
+    the train-mean constant as ``baseline_*``."""
+    import numpy as np
+    import torch
+
+    from pipeline.object_metrics import per_object_metrics
+
+    target = fit_result.target
+    y_train = features.targets[target].index_select(0, features.rows("train")).cpu().numpy()
+    baseline = float(np.nanmean(y_train))
+    eta = features.targets.get("eta") if target != "eta" else None
+    out = {}
+    for split, p in fit_result.predictions.items():
+        e = None if eta is None else eta.index_select(0, torch.as_tensor(p["rows"], device=eta.device)).cpu().numpy()
+        out[split] = per_object_metrics(target=target, y=p["target"], pred=p["prediction"], eta=e, baseline=baseline)
+    return out
+
+
 def _json_float(x: Any) -> Any:
     try:
         return float(x)
@@ -652,13 +677,17 @@ def run_train_head(*, cache_ref: str, cache_root: Path | None, config: TrainConf
                    progress: bool = False, sweep_id: str | None = None) -> RunResult:
     """``ftpipe train-head``: open a complete cache, load what the head needs, fit, evaluate, record."""
     from cache.reader import open_cache
+    from pipeline.registry import HEADS
 
     cache = open_cache(cache_ref, root=cache_root)
     available = tuple(s.name for s in cache.arrays())
     target = resolve_target(config=config, available=available)
     inputs = head_inputs(config=config, available=available)
     device = resolve_device(config.device)
-    features = load_features(cache=cache, arrays=inputs, targets=[target], device=device,
+    targets = [target]
+    if HEADS.get(config.arch).per_object and "targets/eta" in available and target != "eta":
+        targets.append("eta")  # only for the eta-binned resolution in object_metrics.json
+    features = load_features(cache=cache, arrays=inputs, targets=targets, device=device,
                              memory_budget_gb=config.memory_budget_gb)
     result = fit(config=config, features=features, progress=progress)
     run = write_run(fit_result=result, features=features, runs_dir=runs_dir, sweep_id=sweep_id)

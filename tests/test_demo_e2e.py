@@ -92,3 +92,13 @@ def test_other_families_run_end_to_end(tmp_path, family, sweep):
     best = summary["sweeps"][sweep]["leaderboard"][0]
     assert best["test_auroc"] > 0.8  # icu: binary label from trajectories; images: 4 shapes (macro one-vs-rest)
     assert Path(summary["report"]).is_file()
+
+
+def test_per_object_regression_runs_write_binned_resolution(demo_run):
+    workdir, _, summary = demo_run
+    runs = summary["sweeps"]["track-pt"]["best_run_ids"]
+    metrics = json.loads((workdir / "tracks" / "runs" / runs[0] / "object_metrics.json").read_text())
+    test = metrics["test"]
+    assert len(test["pt_res_by_pt"]) == 5 and len(test["pt_res_by_eta"]) == 5
+    assert sum(row["n"] for row in test["pt_res_by_pt"]) == test["pt_n"]
+    assert test["pt_logres68"] < test["baseline_pt_logres68"]
