@@ -90,12 +90,26 @@ def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprin
         "extractor": {"ftpipe": __version__, "extractor_version": EXTRACTOR_VERSION},
         "checkpoint_digest": checkpoint_digest,
         "backbone": to_dict(config.backbone),
+        # a built-in family's code decides the cached bytes too: each family module declares FAMILY_VERSION,
+        # bumped whenever its outputs change (a class_path module's code is the user's: --force after edits)
+        "family_version": _family_version(config.backbone.name),
         "data": {"fingerprint": data_fingerprint, "config": data},
         "dtype": config.dtype,
         # the seed only matters for an explicit ratio split
         "split": {"ratios": config.split_ratios, "seed": config.split_seed if config.split_ratios else None},
     }
     return record
+
+
+def _family_version(name: str | None) -> int | None:
+    if not name:
+        return None
+    import sys
+
+    from pipeline.registry import BACKBONES
+
+    factory = BACKBONES.get(name)
+    return int(getattr(sys.modules[factory.__module__], "FAMILY_VERSION", 1))
 
 
 def _engine_specs(plan: Any) -> list[Any]:

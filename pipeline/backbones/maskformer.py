@@ -42,6 +42,9 @@ from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
 
+# Part of the cache key: bump when this family's cached outputs change (names, shapes or values).
+FAMILY_VERSION = 2
+
 MASK_BIAS = -1.0e4  # additive attention bias of padded keys: exp() underflows to 0, unlike -inf never NaN
 HITS, HIT_TRUTH, PARTICLES = "hits", "hit_truth", "particles"  # reader groups (pipeline/data/layouts.py)
 

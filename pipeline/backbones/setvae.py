@@ -40,6 +40,9 @@ from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
 
+# Part of the cache key: bump when this family's cached outputs change (names, shapes or values).
+FAMILY_VERSION = 1
+
 # Demo size: pretrains on the `icu` generator's 1200 stays in well under two minutes on two cores.
 DEFAULT_INIT_ARGS: dict[str, Any] = {
     "n_variables": 32,  # variable ids are 0 .. n_variables-1

@@ -33,6 +33,9 @@ from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
 
+# Part of the cache key: bump when this family's cached outputs change (names, shapes or values).
+FAMILY_VERSION = 1
+
 # Demo size: trains on the `images` generator's 32x32 shapes in well under two minutes on two cores.
 DEFAULT_INIT_ARGS: dict[str, Any] = {
     "img_size": 32,
