@@ -7,7 +7,7 @@ from pipeline import config as cfg
 from pipeline.extract import key_record
 
 
-def _key(**overrides) -> str:
+def _key() -> str:
     config = cfg.build(cfg.ExtractConfig, {"backbone": {"name": "maskformer"}, "data": {"path": "x.parquet"}})
     return make_key(key_record(config=config, checkpoint_digest="c" * 64, data_fingerprint="d" * 64))
 
