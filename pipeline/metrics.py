@@ -16,6 +16,7 @@ predictor scores the spread of ln(true), so only real information lowers it; com
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ def higher_is_better(metric: str) -> bool:
     if metric.endswith("_std"):
         return False  # a smaller spread over seeds is better whatever the metric
     base = metric.split("_", 1)[1] if metric.split("_", 1)[0] in ("train", "val", "test") else metric
+    base = re.sub(r"_\d+$", "", base)  # per-column metrics of K > 1 regression: r2_0, mse_1, ...
     return base in HIGHER_IS_BETTER
 
 
