@@ -6,7 +6,7 @@ Data section (``DataConfig`` with ``format: parquet``)::
     inputs: [hit_x, hit_y, ...]  # input columns, in forward order
     targets: [n_particles]       # sample-level target columns (numeric; NaN/null = missing)
     split: split                 # train/val/test names or codes 0/1/2
-    sample_id: event_id          # stable ids (integers or strings); default: row number
+    sample_id: event_id          # stable integer ids; default: row number
     options:
       groups:                    # ragged groups: list columns whose lists have equal lengths per row
         hits: [hit_x, hit_y, hit_z]
@@ -265,10 +265,11 @@ class ParquetSource:
             raw = cols[config.sample_id]
             if raw.null_count:
                 raise DataError(f"{where}: sample_id column {config.sample_id!r} has missing values")
-            if _is_integer(raw.type):
-                sample_id = raw.to_numpy().astype(np.int64)
-            else:
-                sample_id = np.asarray([str(v) for v in raw.to_pylist()])
+            if not _is_integer(raw.type):
+                # the cache stores sample_id as int64 (docs/CONTRACTS.md: DataPlan.sample_id)
+                raise DataError(f"{where}: sample_id column {config.sample_id!r} has type {raw.type}; ids must be "
+                                "integers (map them to integers, or unset data.sample_id to use the row number)")
+            sample_id = raw.to_numpy().astype(np.int64)
             if len(np.unique(sample_id)) != n:
                 raise DataError(f"{where}: sample_id column {config.sample_id!r} has duplicate ids; ids must be unique")
         else:
