@@ -449,9 +449,11 @@ class CacheWriter:
                 # Drop the record so the next run redoes exactly these units.
                 L.record_path(self.path, uid).unlink(missing_ok=True)
                 self._committed.discard(uid)
+            # one line (the CLI prints `error: <message>`); `ftpipe cache verify` lists every problem
+            more = f"; ... {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
             raise CacheError(
                 f"cache {self.path} failed verification; the bad units will be redone when the extract "
-                "command is run again:\n" + "\n".join(report.problems)
+                "command is run again: " + "; ".join(report.problems[:3]) + more
             )
         self.meta = update_meta(self.path, status="complete", completed=_now())
         log.info("cache %s complete and verified", self.path)

@@ -39,3 +39,31 @@ def test_parquet_integer_sample_ids_still_work(tmp_path: Path):
     assert plan.sample_id.dtype == np.int64
     np.testing.assert_array_equal(plan.sample_id, np.arange(10, 16))
 
+
+def _small_cache(root: Path, *, n: int = 8, unit_rows: int = 4) -> Path:
+    from cache.schema import ArraySpec, CacheSchema
+    from cache.writer import create_cache
+
+    schema = CacheSchema(n_samples=n, arrays=(ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+                                             ArraySpec("pooled/x", "float32", (2,))))
+    return create_cache(root=root, key="ab" * 32, key_record={"k": 1}, schema=schema, attrs={}, unit_rows=unit_rows)
+
+
+def test_finalize_verification_error_is_one_line(tmp_path: Path):
+    # docs/CONTRACTS.md: the CLI prints `error: <message>` on one line; the verification failure
+    # raised by finalize used to join its problems with newlines.
+    from cache.errors import CacheError
+    from cache.writer import CacheWriter
+
+    path = _small_cache(tmp_path)
+    with CacheWriter(path, background=False) as w:
+        w.write_batch(0, {"sample_id": np.arange(8), "split": np.zeros(8, np.uint8),
+                          "pooled/x": np.ones((8, 2), np.float32)})
+        for f in (path / "pooled" / "x" / "c").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"\x07" * f.stat().st_size)  # corrupt every committed chunk
+        with pytest.raises(CacheError) as info:
+            w.finalize()
+    message = str(info.value)
+    assert "failed verification" in message and "pooled/x" in message
+    assert "\n" not in message, message
