@@ -201,7 +201,12 @@ class GenericBackbone:
                 if value.ndim < 3 and mode != "cls":
                     raise ConfigError(f"tap {tap.array}: pooling {mode!r} needs a (batch, steps, dim) output; "
                                       f"{tap.spec!r} has shape {tuple(value.shape)}")
-                value = pool(value, mode, mask=mask)
+                try:
+                    value = pool(value, mode, mask=mask)
+                except ValueError as exc:  # e.g. a pool_mask whose steps do not match the tap's
+                    raise ConfigError(f"tap {tap.array}: {mode} pooling of {tap.spec!r} (shape {tuple(value.shape)})"
+                                      + (f" with pool_mask {self.mask_key!r}" if self.mask_key else "")
+                                      + f" failed: {exc}") from None
             out[tap.array] = value
         self._captured.clear()
         return out
