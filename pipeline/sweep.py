@@ -690,6 +690,7 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
     train_rows, val_rows = features.rows("train"), features.rows(c0.select_split)
     if task is None:
         task = T.resolve_task(config=c0, features=features, target=target, train_rows=train_rows)
+    T.check_selectable(task=task, features=features, target=target, rows=val_rows, split=c0.select_split)
     heads = [T.build_head(config=c, features=features, task=task) for c in configs]
     inputs = tuple(heads[0].inputs)
     y_all = task.encode(features.targets[target])

@@ -530,6 +530,15 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
     return metrics, preds
 
 
+def check_selectable(*, task: "Task", features: FeatureSet, target: str, rows: "torch.Tensor", split: str) -> None:
+    """TrainError unless some ``split`` row has a usable target: early stopping and best-epoch selection
+    need one (otherwise every epoch's val loss is 0 and the first one would be "selected")."""
+    if not bool(task.valid(task.encode(features.targets[target].index_select(0, rows))).any()):
+        why = "NaN (missing)" + (" or a class not seen in train" if task.kind == "classify" else "")
+        raise TrainError(f"target {target!r} has no {split} row with a usable target (every one is {why}); "
+                         f"heads are selected on {split}, so it needs labelled rows")
+
+
 def fit(*, config: TrainConfig, features: FeatureSet, progress: bool = False) -> FitResult:
     """Train one head on a preloaded FeatureSet (sweeps call this without reloading) and evaluate it."""
     t0 = time.perf_counter()
@@ -539,6 +548,7 @@ def fit(*, config: TrainConfig, features: FeatureSet, progress: bool = False) ->
     train_rows = features.rows("train")
     val_rows = features.rows(config.select_split)
     task = resolve_task(config=config, features=features, target=target, train_rows=train_rows)
+    check_selectable(task=task, features=features, target=target, rows=val_rows, split=config.select_split)
     head = build_head(config=config, features=features, task=task)
     history = head.fit(features=features, target=target, train_rows=train_rows, val_rows=val_rows, config=config,
                        progress=progress)
