@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cache import layout as L
-from cache.errors import CacheError, CacheIncompleteError
+from cache.errors import CacheError, CacheIncompleteError, CacheLockedError
 from cache.key import default_cache_root
 from cache.lock import StoreLock
 from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
@@ -352,7 +352,11 @@ def remove_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     except CacheError as exc:
         raise CacheError(f"refusing to remove {path}: {exc}") from None
     lock = StoreLock(path / L.PRIVATE_DIR / "writer.lock")
-    lock.acquire(wait=False, what=f"cache {path}")
+    try:
+        lock.acquire(wait=False, what=f"cache {path}")
+    except CacheLockedError as exc:  # the lock's own hint is about extract's --no-wait, which rm does not have
+        holder = str(exc).split("; ", 1)[0]
+        raise CacheLockedError(f"refusing to remove: {holder}; wait for it to finish, then remove it") from None
     try:
         shutil.rmtree(path)
     finally:

@@ -93,3 +93,19 @@ def test_generic_pool_mask_of_the_wrong_length_is_a_config_error():
     batch = {"x": torch.randn(2, 5, 3), "mask": torch.ones(2, 5, dtype=torch.bool)}
     with pytest.raises(ConfigError, match="pooled/mean.*pool_mask"):
         bb.forward_taps(batch, device=torch.device("cpu"))
+
+
+def test_removing_a_cache_being_written_does_not_suggest_no_wait(tmp_path: Path):
+    # `ftpipe cache rm` (and `extract --force`) have no --no-wait option; the refusal used to say
+    # "run again without --no-wait".
+    from cache.errors import CacheLockedError
+    from cache.reader import remove_cache
+    from cache.writer import CacheWriter
+
+    path = _small_cache(tmp_path)
+    with CacheWriter(path, background=False):
+        with pytest.raises(CacheLockedError) as info:
+            remove_cache(path, root=tmp_path)
+    message = str(info.value)
+    assert "--no-wait" not in message, message
+    assert "being written" in message and path.exists()
