@@ -345,6 +345,10 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
         _emit_json(result.to_dict())
     else:
         click.echo(result.summary())
+    if result.failed:  # the rest of the grid was trained and recorded; a rerun retries only these
+        click.echo(f"error: {len(result.failed)} configuration(s) failed (see FAILED lines); rerun the same "
+                   "command to retry only those", err=True)
+        sys.exit(1)
 
 
 @main.command()

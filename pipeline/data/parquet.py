@@ -245,8 +245,9 @@ class ParquetSource:
         cols = self._read_columns(sorted(set(need))) if need else {}
 
         if has_split:
-            if self._split_ratios is not None:
-                log.warning("%s: has a %r column; it is used and --split-ratios is ignored", where, config.split)
+            if self._split_ratios is not None:  # as the arrays reader: ratios would also change the cache key
+                raise DataError(f"{where} has its own split column {config.split!r}; drop --split-ratios "
+                                "(or set data.split: null to split by ratio instead)")
             raw = cols[str(config.split)]
             if raw.null_count:
                 raise DataError(f"{where}: split column {config.split!r} has {raw.null_count} missing value(s)")

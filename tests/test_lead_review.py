@@ -1,0 +1,48 @@
+"""Lead's review fixes: a sweep with failed configurations exits non-zero; parquet data with its own split
+refuses --split-ratios like the arrays reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.test_sweep import tiny_cache
+
+
+def test_cli_sweep_with_a_failed_configuration_exits_1_after_recording_the_rest(tmp_path: Path, monkeypatch):
+    from cli import main
+    from pipeline import train as T
+    from pipeline.errors import TrainError
+    from pipeline.results import read_results
+
+    key = tiny_cache(tmp_path / "cache")
+    real_fit = T.fit
+
+    def fit(*, config, features, progress=False):
+        if config.lr == 1e-2:
+            raise TrainError("training loss became nan in epoch 1 (lr 0.01); lower --lr")
+        return real_fit(config=config, features=features, progress=progress)
+
+    monkeypatch.setattr(T, "fit", fit)
+    args = ["sweep", "--cache", key, "--cache-root", str(tmp_path / "cache"), "--arch", "linear",
+            "--set", "lr=1e-3,1e-2", "--epochs", "1", "--target", "label", "--device", "cpu", "--strategy", "in-turn",
+            "--runs-dir", str(tmp_path / "runs")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "1 configuration(s) failed" in result.output and "FAILED" in result.output
+    assert len(read_results(runs_dir=tmp_path / "runs")) == 1  # the other configuration is recorded
+
+
+def test_parquet_with_a_split_column_refuses_split_ratios(tmp_path: Path):
+    from pipeline.config import DataConfig
+    from pipeline.data import open_data
+    from pipeline.data.generators.tracks import generate_tracks
+    from pipeline.data.layouts import layout_for_backbone
+    from pipeline.errors import DataError
+
+    data = generate_tracks(out=tmp_path / "t.parquet", n=20, seed=0)
+    config = DataConfig(**layout_for_backbone("maskformer", path=str(data)))
+    with pytest.raises(DataError, match="drop --split-ratios"):
+        open_data(config=config, split_ratios=[0.8, 0.1, 0.1]).plan()
