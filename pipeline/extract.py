@@ -205,7 +205,12 @@ def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: di
                               f"{start}-{stop - 1}, expected {want} (output shapes must not change between batches; "
                               "pool variable-length outputs or pad them to a fixed length)")
         # cast on the device: float16 halves the bytes copied to the host
-        t = t.detach().to(_torch_dtype(s.dtype)).cpu()
+        cast = t.detach().to(_torch_dtype(s.dtype))
+        if s.dtype == "float16" and t.is_floating_point() and bool((cast.isinf() & t.isfinite()).any()):
+            # stored as inf, a head would only fail much later (or a logit would saturate): say it now
+            raise ConfigError(f"{s.name}: backbone {backbone} produced values beyond the float16 range (|x| > 65504) "
+                              f"for samples {start}-{stop - 1}; extract with --dtype bfloat16 or --dtype float32")
+        t = cast.cpu()
         out[s.name] = t if s.dtype == "bfloat16" else t.numpy()  # bf16 has no numpy dtype: cache/ takes its bits
     return out
 

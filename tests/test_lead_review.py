@@ -46,3 +46,24 @@ def test_parquet_with_a_split_column_refuses_split_ratios(tmp_path: Path):
     config = DataConfig(**layout_for_backbone("maskformer", path=str(data)))
     with pytest.raises(DataError, match="drop --split-ratios"):
         open_data(config=config, split_ratios=[0.8, 0.1, 0.1]).plan()
+
+
+def test_float16_overflow_is_refused_at_extraction_not_stored_as_inf():
+    import numpy as np
+    import torch
+
+    from cache.schema import ArraySpec
+    from pipeline.errors import ConfigError
+    from pipeline.extract import _check_and_convert
+
+    specs = [ArraySpec("pooled/x", "float16", (2,))]
+    ok = _check_and_convert({"pooled/x": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, specs=specs, lengths={},
+                            start=0, stop=2, backbone="b")
+    assert ok["pooled/x"].dtype == np.float16
+    with pytest.raises(ConfigError, match="float16 range.*--dtype bfloat16"):
+        _check_and_convert({"pooled/x": torch.tensor([[1.0, 7e4], [3.0, 4.0]])}, specs=specs, lengths={},
+                           start=0, stop=2, backbone="b")
+    # a NaN the backbone itself produced is not an overflow: the trainer reports it per array
+    kept = _check_and_convert({"pooled/x": torch.tensor([[float("nan"), 1.0], [3.0, 4.0]])}, specs=specs,
+                              lengths={}, start=0, stop=2, backbone="b")
+    assert np.isnan(kept["pooled/x"][0, 0])
