@@ -40,8 +40,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     """Store path for a path, a full key or a unique key prefix under ``root``."""
     p = Path(ref).expanduser()
-    if p.is_dir() and (p / "zarr.json").is_file():
-        return p
+    if p.is_dir() and ((p / "zarr.json").is_file() or p.suffix == ".zarr"):
+        return p  # a damaged store is still named here, so that reading it can say what is wrong
     root = Path(root) if root is not None else default_cache_root()
     text = str(ref).lower()
     if not _HEX.match(text):
@@ -350,7 +350,12 @@ def remove_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     try:
         _read_meta(path)
     except CacheError as exc:
-        raise CacheError(f"refusing to remove {path}: {exc}") from None
+        # a damaged store at a key's own place in the cache root is ours to clear (else it blocks that key
+        # forever, --force included); anything else without ftpipe attributes is never deleted
+        in_root = root is not None and path.resolve().parent == Path(root).resolve()
+        if not (in_root and re.fullmatch(r"[0-9a-f]{16}\.zarr", path.name)):
+            raise CacheError(f"refusing to remove {path}: {exc}") from None
+        log.warning("removing damaged store %s (%s)", path, exc)
     lock = StoreLock(path / L.PRIVATE_DIR / "writer.lock")
     try:
         lock.acquire(wait=False, what=f"cache {path}")

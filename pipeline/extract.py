@@ -234,6 +234,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     """
     import torch
 
+    from cache.errors import CacheError
     from cache.key import cache_path, checkpoint_digest, make_key
     from cache.schema import CacheSchema
     from cache.writer import CacheWriter, create_cache, read_meta
@@ -260,7 +261,10 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
         remove_cache(path, root=cache_root)
         log.info("removed %s (--force)", path)
     if path.exists():
-        meta = read_meta(path)
+        try:
+            meta = read_meta(path)
+        except CacheError as exc:
+            raise CacheError(f"{exc}; the store for this key is damaged: pass --force to replace it") from None
         if meta["status"] == "complete":
             log.info("cache %s is complete; reusing it without running the backbone", path)
             return ExtractResult(key=key, path=path, status="complete", reused=True, n_samples=int(meta["n_samples"]),

@@ -67,3 +67,21 @@ def test_float16_overflow_is_refused_at_extraction_not_stored_as_inf():
     kept = _check_and_convert({"pooled/x": torch.tensor([[float("nan"), 1.0], [3.0, 4.0]])}, specs=specs,
                               lengths={}, start=0, stop=2, backbone="b")
     assert np.isnan(kept["pooled/x"][0, 0])
+
+
+def test_a_damaged_store_at_a_keys_place_can_be_cleared_but_nothing_else(tmp_path: Path):
+    from cache.errors import CacheError
+    from cache.reader import remove_cache
+
+    root = tmp_path / "cache"
+    damaged = root / "0123456789abcdef.zarr"
+    damaged.mkdir(parents=True)
+    (damaged / "zarr.json").write_text("not json")
+    remove_cache(damaged, root=root)
+    assert not damaged.exists()
+
+    elsewhere = tmp_path / "0123456789abcdef.zarr"  # same name, but not in the cache root
+    elsewhere.mkdir()
+    with pytest.raises(CacheError, match="refusing to remove"):
+        remove_cache(elsewhere, root=root)
+    assert elsewhere.exists()
