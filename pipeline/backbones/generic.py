@@ -13,7 +13,10 @@ Notable features:
   with ``backbone.options.pool_mask`` naming an input that marks valid steps;
 - output shapes are learned by running the loaded model once on the first samples (``probe``);
   every tap is dense (B, *inner) and float outputs are stored in the configured dtype.
-The model is called as ``module(*[batch[k] for k in data.inputs])``.
+The model is called as ``module(*[batch[k] for k in data.inputs])`` for arrays data. For Parquet
+data it gets one zero-padded ``(B, L, C)`` float tensor per ragged group, in ``data.options.groups``
+order, then ``scalars`` ``(B, K)`` when the data has non-list input columns; each group's ``(B, L)``
+validity mask is ``<group>/mask``, for ``backbone.options.pool_mask``.
 """
 
 from __future__ import annotations
@@ -162,8 +165,10 @@ class GenericBackbone:
                 raise ConfigError(f"backbone.taps: {array!r} is written by ftpipe itself; name the tap e.g. pooled/embed")
         self.taps = [parse_tap(a, s, set(names)) for a, s in config.taps.items()]
         mask_key = config.options.get("pool_mask")
-        if mask_key is not None and mask_key not in input_keys:
-            raise ConfigError(f"backbone.options.pool_mask {mask_key!r} is not one of data.inputs {input_keys}")
+        masks = [f"{k}/mask" for k in input_keys]
+        if mask_key is not None and mask_key not in input_keys and mask_key not in masks:
+            raise ConfigError(f"backbone.options.pool_mask {mask_key!r} is not one of the inputs {input_keys} "
+                              f"(or, for Parquet groups, {masks})")
         self.mask_key = mask_key
         self._captured: dict[str, Any] = {}
         for path in sorted({t.module_path for t in self.taps if t.module_path}):
@@ -181,6 +186,7 @@ class GenericBackbone:
         """Run the model once; returns every tap (pooled where configured), on ``device``."""
         import torch
 
+        _pad_groups(batch, self.input_keys)
         args = [batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
                 for k in self.input_keys]
         self._captured.clear()
@@ -218,7 +224,7 @@ class GenericBackbone:
         import torch
 
         outputs = self.forward_taps(batch, device=device)
-        n = len(batch[self.input_keys[0]])
+        n = len(batch["index"]) if "index" in batch else len(batch[self.input_keys[0]])
         specs = []
         for tap in self.taps:
             t = outputs[tap.array]
@@ -266,5 +272,26 @@ def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any,
     except TypeError as exc:
         raise ConfigError(f"backbone {config.class_path}({', '.join(f'{k}=...' for k in init_args)}) failed: {exc}; "
                           "fix backbone.init_args") from None
-    keys = input_keys if input_keys is not None else list((plan.meta.get("inputs") or {"x": None}).keys())
+    meta = plan.meta if plan is not None else {}
+    if "groups" in meta:  # Parquet: one padded tensor per ragged group, then the dense scalars
+        keys = list(meta["groups"]) + (["scalars"] if meta.get("scalars") else [])
+    else:
+        keys = input_keys if input_keys is not None else list((meta.get("inputs") or {"x": None}).keys())
     return GenericBackbone(module=module, config=config, input_keys=keys, init_args=init_args)
+
+
+def _pad_groups(batch: dict[str, Any], keys: list[str]) -> None:
+    """Flat ragged groups (sum L_i, C) + ``<group>/lengths`` -> zero-padded (B, L, C) + ``<group>/mask``, in place
+    (once per batch), so that a user's module sees ordinary batched tensors."""
+    import torch
+
+    for k in keys:
+        lengths = batch.get(f"{k}/lengths")
+        if lengths is None or f"{k}/mask" in batch:
+            continue
+        flat = batch[k]
+        width = int(lengths.max()) if lengths.numel() else 0
+        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        padded = flat.new_zeros((len(lengths), width, *flat.shape[1:]))
+        padded[mask] = flat  # flat rows are in sample order, row-major like the mask's True entries
+        batch[k], batch[f"{k}/mask"] = padded, mask
