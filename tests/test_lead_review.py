@@ -8,24 +8,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.test_sweep import tiny_cache
+from tests.test_sweep import fail_fit_at_lr, tiny_cache
 
 
 def test_cli_sweep_with_a_failed_configuration_exits_1_after_recording_the_rest(tmp_path: Path, monkeypatch):
     from cli import main
-    from pipeline import train as T
-    from pipeline.errors import TrainError
     from pipeline.results import read_results
 
     key = tiny_cache(tmp_path / "cache")
-    real_fit = T.fit
-
-    def fit(*, config, features, progress=False):
-        if config.lr == 1e-2:
-            raise TrainError("training loss became nan in epoch 1 (lr 0.01); lower --lr")
-        return real_fit(config=config, features=features, progress=progress)
-
-    monkeypatch.setattr(T, "fit", fit)
+    fail_fit_at_lr(monkeypatch, 1e-2)
     args = ["sweep", "--cache", key, "--cache-root", str(tmp_path / "cache"), "--arch", "linear",
             "--set", "lr=1e-3,1e-2", "--epochs", "1", "--target", "label", "--device", "cpu", "--strategy", "in-turn",
             "--runs-dir", str(tmp_path / "runs")]

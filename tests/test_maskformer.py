@@ -18,6 +18,7 @@ from pipeline.data.generators.tracks import generate_tracks
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError
 from pipeline.registry import BACKBONES
+from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1}  # fast stage one for plumbing tests
@@ -30,18 +31,11 @@ def _source(path: Path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small tracks file and a 1-epoch stage-one checkpoint on it (written through the CLI)."""
-    from click.testing import CliRunner
-
-    from cli import main
-
     folder = tmp_path_factory.mktemp("maskformer")
     data = generate_tracks(out=folder / "events.parquet", n=48, seed=7, row_group_size=16)
     ckpt = folder / "mf.ckpt"
-    args = ["pretrain", "--backbone", "maskformer", "--data", str(data), "--out", str(ckpt), "--epochs", "1",
-            "--device", "cpu", "--json"] + [f"--set={k}={v}" for k, v in TINY.items()]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return {"data": data, "ckpt": ckpt, "result": json.loads(result.output.strip().splitlines()[-1])}
+    result = pretrain_through_cli(backbone="maskformer", data=data, ckpt=ckpt, options=TINY)
+    return {"data": data, "ckpt": ckpt, "result": result}
 
 
 def _backbone(source, *, hparams: dict | None = None, init_args: dict | None = None):

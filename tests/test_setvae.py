@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +16,11 @@ from pipeline.data.generators.icu import make_icu
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError, DataError
 from pipeline.registry import BACKBONES
+from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"dim": 32, "latent_dim": 8, "num_heads": 2, "depth": 1}  # plumbing tests; the quality test uses the demo size
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: a second intra-op thread only adds contention for these small models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _source(path: Path):
@@ -43,18 +35,11 @@ def _backbone(source, *, hparams: dict | None = None, init_args: dict | None = N
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """80 ICU stays (row groups of 256: one) and a 1-epoch stage-one checkpoint (written through the CLI)."""
-    from click.testing import CliRunner
-
-    from cli import main
-
     folder = tmp_path_factory.mktemp("setvae")
     data = make_icu(out=folder / "stays.parquet", n=80, seed=9)
     ckpt = folder / "setvae.ckpt"
-    args = ["pretrain", "--backbone", "setvae", "--data", str(data), "--out", str(ckpt), "--epochs", "1",
-            "--device", "cpu", "--json"] + [f"--set={k}={v}" for k, v in TINY.items()]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return {"data": data, "ckpt": ckpt, "result": json.loads(result.output.strip().splitlines()[-1])}
+    result = pretrain_through_cli(backbone="setvae", data=data, ckpt=ckpt, options=TINY)
+    return {"data": data, "ckpt": ckpt, "result": result}
 
 
 def test_batch_independent_causal_and_finite(tiny: dict):

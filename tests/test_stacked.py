@@ -23,14 +23,6 @@ from torch import nn
 from pipeline import stacked as S
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: OpenMP threads only spin-wait on a shared machine (the trainer does the same on CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(n: int = 301, d: int = 12, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)

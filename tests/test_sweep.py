@@ -245,21 +245,29 @@ def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkey
     assert any("ms/step" in r.message for r in caplog.records)
 
 
-def test_a_failing_configuration_does_not_stop_the_grid(tmp_path: Path, monkeypatch):
+def fail_fit_at_lr(monkeypatch, lr: float):
+    """Make ``train.fit`` raise a TrainError for configurations with this lr; returns the real fit."""
     from pipeline import train as T
     from pipeline.errors import TrainError
+
+    real_fit = T.fit
+
+    def fit(*, config, features, progress=False):
+        if config.lr == lr:
+            raise TrainError(f"training loss became nan in epoch 1 (lr {lr}); lower --lr")
+        return real_fit(config=config, features=features, progress=progress)
+
+    monkeypatch.setattr(T, "fit", fit)
+    return real_fit
+
+
+def test_a_failing_configuration_does_not_stop_the_grid(tmp_path: Path, monkeypatch):
+    from pipeline import train as T
 
     key = tiny_cache(tmp_path / "cache")
     spec = SweepSpec(name="fail", device="cpu", target="label", train={"epochs": 1},
                      grids=({"arch": ("linear",), "lr": (1e-3, 1e-2, 1e-1)},))
-    real_fit = T.fit
-
-    def fit(*, config, features, progress=False):
-        if config.lr == 1e-2:
-            raise TrainError("training loss became nan in epoch 1 (lr 0.01); lower --lr")
-        return real_fit(config=config, features=features, progress=progress)
-
-    monkeypatch.setattr(T, "fit", fit)
+    real_fit = fail_fit_at_lr(monkeypatch, 1e-2)
     result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs",
                        strategy="in-turn")
     assert len(result.trained) == 2 and [f["run_id"] for f in result.failed] == [result.run_ids[1]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,11 @@ from pipeline.data.generators.images import make_images
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.registry import BACKBONES
+from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # plumbing tests; the quality test uses the demo size
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: a second intra-op thread only adds contention for these small models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _source(path: Path):
@@ -42,18 +34,11 @@ def _backbone(*, hparams: dict | None = None, init_args: dict | None = None, opt
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """120 shape images and a 1-epoch stage-one checkpoint on them (written through the CLI)."""
-    from click.testing import CliRunner
-
-    from cli import main
-
     folder = tmp_path_factory.mktemp("vit")
     data = make_images(out=folder / "shapes.npz", n=120, seed=5)
     ckpt = folder / "vit.ckpt"
-    args = ["pretrain", "--backbone", "vit", "--data", str(data), "--out", str(ckpt), "--epochs", "1",
-            "--device", "cpu", "--json"] + [f"--set={k}={v}" for k, v in TINY.items()]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return {"data": data, "ckpt": ckpt, "result": json.loads(result.output.strip().splitlines()[-1])}
+    result = pretrain_through_cli(backbone="vit", data=data, ckpt=ckpt, options=TINY)
+    return {"data": data, "ckpt": ckpt, "result": result}
 
 
 def _timm_names(depth: int) -> set[str]:

@@ -195,16 +195,8 @@ def _test_logres68(features: FeatureSet, result: FitResult | None) -> float:
     return log_res68(result.predictions["test"]["prediction"].reshape(-1)[ok], true[ok])
 
 
-@pytest.fixture
-def one_thread():
-    # Small batches on a shared 2-core machine: one intra-op thread avoids spin-waiting (4x less CPU time).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def test_weighted_pool_learns_pt_far_better_than_a_constant_and_inverse_pt_helps(one_thread: None) -> None:
+def test_weighted_pool_learns_pt_far_better_than_a_constant_and_inverse_pt_helps() -> None:
     # Scored with logres68 (the spread of ln(pred/true)): every constant predictor, the train mean
     # included, scores the spread of ln(pt); the relative res68 would reward a small constant.
     import numpy as np
@@ -223,7 +215,7 @@ def test_weighted_pool_learns_pt_far_better_than_a_constant_and_inverse_pt_helps
 
 
 @pytest.mark.slow
-def test_weighted_pool_on_the_real_tracks_maskformer_cache(tmp_path, one_thread: None) -> None:
+def test_weighted_pool_on_the_real_tracks_maskformer_cache(tmp_path) -> None:
     """make-data tracks -> pretrain maskformer (short) -> extract -> weighted-pool on pt.
 
     The pipeline part is asserted here (finite predictions for every object, unmatched objects unscored).
