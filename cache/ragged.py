@@ -29,6 +29,13 @@ class Ragged:
         if self.index.ndim != 2 or self.index.shape[1] != 2:
             raise ValueError(f"Ragged index must be (N, 2) [start, length]; got {tuple(self.index.shape)}")
 
+    @classmethod
+    def from_lengths(cls, values: torch.Tensor, lengths: Any) -> "Ragged":
+        """Contiguous rows in sample order (as a batch or a compact selection holds them): the index is
+        derived from the lengths. Not for stored ragged arrays, whose units leave gaps (see module doc)."""
+        lens = torch.as_tensor(lengths, dtype=torch.long, device=values.device)
+        return cls(values, torch.stack([torch.cumsum(lens, 0) - lens, lens], dim=1))
+
     @property
     def lengths(self) -> torch.Tensor:
         return self.index[:, 1]
@@ -70,9 +77,7 @@ class Ragged:
         """A compact Ragged of ``rows`` (in that order), its index re-based to the new values."""
         rows_t = _as_rows(rows, self.index.device)
         pos, _ = self.flat_positions(rows_t)
-        lens = self.index[rows_t, 1]
-        starts = torch.cumsum(lens, 0) - lens
-        return Ragged(self.values[pos.to(self.values.device)], torch.stack([starts, lens], dim=1))
+        return Ragged.from_lengths(self.values[pos.to(self.values.device)], self.index[rows_t, 1])
 
     def padded(
         self, rows: Any = None, *, max_len: int | None = None, fill: float = 0.0

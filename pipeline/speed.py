@@ -253,9 +253,7 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
             if spec.ragged is None:
                 arrays[name] = value
             else:
-                lens = torch.as_tensor(lengths[spec.ragged][idx])
-                starts = torch.cumsum(lens, 0) - lens
-                arrays[name] = Ragged(values=value, index=torch.stack([starts, lens], 1))
+                arrays[name] = Ragged.from_lengths(value, lengths[spec.ragged][idx])
         y = out[target_name] if target_name in out else torch.as_tensor(plan_targets[target_name][idx])
         fb = FeatureSet.from_tensors(arrays=arrays, targets={head["target"]: y.float().cpu().numpy()},
                                      split=np.zeros(len(idx), dtype=np.uint8), device=device, specs=specs)

@@ -283,15 +283,10 @@ def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any,
 def _pad_groups(batch: dict[str, Any], keys: list[str]) -> None:
     """Flat ragged groups (sum L_i, C) + ``<group>/lengths`` -> zero-padded (B, L, C) + ``<group>/mask``, in place
     (once per batch), so that a user's module sees ordinary batched tensors."""
-    import torch
+    from cache.ragged import Ragged
 
     for k in keys:
         lengths = batch.get(f"{k}/lengths")
         if lengths is None or f"{k}/mask" in batch:
             continue
-        flat = batch[k]
-        width = int(lengths.max()) if lengths.numel() else 0
-        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        padded = flat.new_zeros((len(lengths), width, *flat.shape[1:]))
-        padded[mask] = flat  # flat rows are in sample order, row-major like the mask's True entries
-        batch[k], batch[f"{k}/mask"] = padded, mask
+        batch[k], batch[f"{k}/mask"] = Ragged.from_lengths(batch[k], lengths).padded()
