@@ -114,7 +114,7 @@ def main() -> None:
     import torch
 
     from pipeline.config import resolve_device
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
     from pipeline.registry import HEADS
 
     torch.set_num_threads(args.threads)

@@ -91,7 +91,7 @@ def _old_way_epoch_seconds(*, backbone, x, y, train_idx, arch: str, d: int, batc
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
     from pipeline.registry import HEADS
 
     family = HEADS.get(arch)

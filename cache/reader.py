@@ -32,7 +32,7 @@ RowsLike = Any  # None | sequence of ints | np.ndarray | torch.Tensor
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    from cache.writer import read_meta
+    from cache.meta import read_meta
 
     return read_meta(path)
 

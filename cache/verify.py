@@ -28,7 +28,7 @@ def verify_cache(path: Path) -> VerifyReport:
     import zarr
 
     from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
-    from cache.writer import read_meta
+    from cache.meta import read_meta
 
     path = Path(path)
     meta = read_meta(path)

@@ -13,8 +13,6 @@ extraction loses only the units that were in flight.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
 import queue
@@ -32,7 +30,8 @@ from cache import layout as L
 from cache.errors import CacheError
 from cache.key import cache_path
 from cache.layout import Unit
-from cache.lock import StoreLock, meta_lock
+from cache.meta import _check_json, _ftpipe_version, _now, _open_group, read_meta, update_meta  # noqa: F401
+from cache.lock import StoreLock
 from cache.rawio import write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 
@@ -42,54 +41,6 @@ _RESERVED = (
     "schema_version", "key", "key_record", "status", "created", "updated", "ftpipe_version",
     "n_samples", "split_names", "schema", "layout",
 )
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _ftpipe_version() -> str:
-    # cache/ must not import pipeline/ (dependencies point cli -> pipeline -> cache).
-    try:
-        from importlib.metadata import version
-
-        return version("ftpipe")
-    except Exception:  # not installed (running from a checkout)
-        return "0+unknown"
-
-
-def _check_json(what: str, obj: Any) -> None:
-    try:
-        json.dumps(obj, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise CacheError(f"{what} must be plain JSON (no NaN, no objects): {exc}") from None
-
-
-def _open_group(path: Path, mode: str = "r+") -> Any:
-    import zarr
-
-    try:
-        return zarr.open_group(str(path), mode=mode)
-    except Exception as exc:  # zarr raises several types for a missing/broken group
-        raise CacheError(f"{path} is not a readable cache store ({type(exc).__name__}: {exc})") from None
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """The ``ftpipe`` attribute dict of a store (CacheError when absent)."""
-    meta = _open_group(path, "r").attrs.asdict().get("ftpipe")
-    if not isinstance(meta, dict) or "status" not in meta:
-        raise CacheError(f"{path} is a Zarr group but not an ftpipe cache (no `ftpipe` attributes)")
-    return meta
-
-
-def update_meta(path: Path, **changes: Any) -> dict[str, Any]:
-    """Read-modify-write of the ``ftpipe`` attributes under the short metadata lock."""
-    with meta_lock(path):
-        group = _open_group(path)
-        meta = dict(group.attrs.asdict()["ftpipe"])
-        meta.update(changes, updated=_now())
-        group.attrs["ftpipe"] = meta
-        return meta
 
 
 def create_cache(

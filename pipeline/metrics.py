@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
 
 HIGHER_IS_BETTER = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "r2")
 

@@ -22,7 +22,7 @@ from pipeline.metrics import higher_is_better
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.config import TrainConfig
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
     from pipeline.train import FeatureSet, build_head, fit_module
 
     device = device or torch.device("cpu")
@@ -147,7 +147,7 @@ def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str 
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
     from pipeline.train import FeatureSet, _cpu_threads, build_head, fit_module
 
     device = device or torch.device("cpu")

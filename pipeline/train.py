@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from pipeline.heads.base import Head, HeadFamily, Task
+    from pipeline.heads.base import Head, HeadFamily
+    from pipeline.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,8 @@ def resolve_task(*, config: TrainConfig, features: FeatureSet, target: str, trai
     import numpy as np
     import torch
 
-    from pipeline.heads.base import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     family = HEADS.get(config.arch)
     _, tp = family.resolve_params(config.params)

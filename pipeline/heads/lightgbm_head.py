@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from pipeline.errors import TrainError
-from pipeline.heads.base import HeadFamily, Task, pooled_inputs
+from pipeline.heads.base import HeadFamily, pooled_inputs
+from pipeline.task import Task
 from pipeline.registry import register_head
 
 if TYPE_CHECKING:
