@@ -105,20 +105,26 @@ class TrainConfig:
     target: str | None = None  # targets/<name>; default: the cache's only target
     task: str | None = None  # classify | regress; default: from the head or the target's dtype
     params: dict[str, Any] = field(default_factory=dict)  # head hyperparameters (--set key=value)
-    epochs: int = 50
+    # Budget (pipeline.loop): max_steps optimiser steps if given, else epochs x steps per epoch
+    # (evaluated once per epoch, as before the step budget), else an automatic budget scaled to the data.
+    epochs: int | None = None
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 1e-2
     batch_size: int = 256
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to lr * 1e-3
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    patience: int = 10  # early stopping on the selection split; 0 disables
+    patience: int = 10  # early stopping: evaluations without a lower val loss; 0 disables
+    max_steps: int | None = None  # optimiser steps (overrides epochs); None = from epochs or automatic
+    eval_every: int | None = None  # steps between val evaluations; None = one epoch (bounded, see pipeline.loop)
     seed: int = 0
     device: str = "auto"
     select_split: str = "val"  # split used for early stopping and best-weight selection (never test)
     memory_budget_gb: float | None = None  # max bytes of cached arrays on the device; None = 80% of free memory
 
     def __post_init__(self) -> None:
-        _check_positive("epochs", self.epochs)
+        for name in ("epochs", "max_steps", "eval_every"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         _check_positive("lr", self.lr)
         _check_positive("batch_size", self.batch_size)
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)

@@ -101,15 +101,24 @@ def prediction_columns(predictions: Mapping[str, Mapping[str, Any]], *, task: "T
 
 def results_row(*, run_id: str, config_id: str, config: "TrainConfig", cache_key: str, target: str, task: str,
                 select_split: str, sweep_id: str | None, created: str, seconds: float,
-                metrics: Mapping[str, Mapping[str, float]], run_dir: Path, epochs_run: int | None = None) -> dict:
+                metrics: Mapping[str, Mapping[str, float]], run_dir: Path, epochs_run: int | None = None,
+                info: Mapping[str, Any] | None = None) -> dict:
+    """One results row. ``info`` (``FitResult.info``) adds ``converged``, ``steps_run`` and, for the linear
+    probe, ``refit`` and the chosen L2 strength ``l2_C``; absent keys stay absent (lightgbm has no refit)."""
     row: dict[str, Any] = {
         "run_id": run_id, "config_id": config_id, "arch": config.arch,
         "params": json.dumps(config.params, sort_keys=True, default=str), "cache_key": cache_key, "target": target,
         "task": task, "seed": int(config.seed), "select_split": select_split, "sweep_id": sweep_id,
         "created": created, "seconds": float(seconds), "run_dir": str(run_dir),
-        "lr": float(config.lr), "epochs": int(config.epochs), "batch_size": int(config.batch_size),
+        "lr": float(config.lr), "epochs": int(config.epochs) if config.epochs is not None else None,
+        "batch_size": int(config.batch_size),
         "epochs_run": int(epochs_run) if epochs_run is not None else None,
     }
+    info = dict(info or {})
+    for key, kind in (("converged", bool), ("refit", bool), ("steps_run", int), ("max_steps", int), ("C", float),
+                      ("alpha", float)):
+        if info.get(key) is not None:
+            row["l2_C" if key == "C" else "l2_alpha" if key == "alpha" else key] = kind(info[key])
     for split, ms in metrics.items():
         for k, v in ms.items():
             row[f"{split}_{k}"] = float(v)

@@ -11,11 +11,9 @@ Notable features:
 - Per-member gradient clipping (each member's own global norm), per-member batch order (member i
   shuffles with its own seed, so it sees the batches it would see alone), per-member early
   stopping and best-on-selection weights.
-- The loop mirrors ``pipeline.train.fit_module`` step for step (LambdaLR step indexing, 1-based
-  epochs, train loss = mean of step losses, a trailing one-row batch dropped when BatchNorm is
-  present, best = val loss lower by > 1e-12, bfloat16 autocast on CUDA), so a stacked member and
-  the trainer's own run of that head agree to rounding. ``fit_one`` is the same loop for one module
-  with stock ``torch.optim.AdamW`` and ``clip_grad_norm_``: the reference the tests hold it to.
+- ``StackedStep`` is a ``pipeline.loop.Step``: the loop itself (budget, evaluation, per-member early
+  stopping, best-on-val weights, history) is ``pipeline.loop.run_loop``, the same code that runs
+  ``train-head`` with ``loop.SingleStep``; tests hold the two steps equal through that one loop.
 
 Why not always stack: on 2 CPU cores, vmap of 8 MLPs is slower than 8 in turn at large batches
 (DESIGN.md section 6: the batched matmuls are no bigger than what already saturates the cores, and
@@ -30,7 +28,6 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,56 +37,9 @@ from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
-BatchFn = Callable[[torch.Tensor], Any]  # rows (R,) -> inputs (a tensor or dict of tensors, leading dim R)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> scalar mean loss
-# (member index, val outputs of that member) -> extra history columns, e.g. val_auroc
-EpochMetricsFn = Callable[[int, torch.Tensor], dict[str, float]]
+from pipeline.loop import Budget, LoopResult, Optim, RowBatches, StepData, StepOptions, autocast, run_loop
 
-
-@dataclass(frozen=True)
-class Member:
-    """One stacked model's own hyperparameters (everything else is shared by the stack)."""
-
-    lr: float
-    weight_decay: float
-    seed: int  # seeds this member's batch order (its init is the caller's: it builds the module)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The training loop shared by every member of a stack (and by ``fit_one``)."""
-
-    epochs: int
-    batch_size: int
-    grad_clip: float = 0.0  # max global gradient norm per member; 0 disables
-    patience: int = 0  # epochs without a better val loss before a member stops; 0 disables
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    eval_batch_size: int = 4096
-    drop_single_last: bool = False  # skip a trailing one-row batch (BatchNorm cannot train on it)
-    autocast: bool = False  # bfloat16 autocast of the forward (the trainer does this on CUDA only)
-    # lr multiplier of optimiser step t (0-based), e.g. warm-up then cosine; None = constant
-    lr_lambda: Callable[[int], float] | None = None
-
-
-@dataclass(frozen=True)
-class MemberResult:
-    state_dict: dict[str, torch.Tensor]  # best-on-val weights and buffers (on the training device)
-    history: list[dict[str, float]] = field(default_factory=list)  # epoch, train_loss, val_loss, lr, ..., seconds, best
-    best_epoch: int = -1
-    best_val_loss: float = math.inf
-
-
-def _batches(n: int, batch_size: int, *, drop_single_last: bool) -> list[slice]:
-    bs = min(batch_size, n)
-    out = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
-    if drop_single_last and n > 1 and out and out[-1].stop - out[-1].start == 1:
-        out.pop()
-    return out
-
-
-def _lr_factor(loop: LoopConfig, step: int) -> float:
-    return 1.0 if loop.lr_lambda is None else float(loop.lr_lambda(step))
+Member = Optim  # one stacked model's own hyperparameters (lr, weight decay, batch-order seed)
 
 
 class StackedHeads:
@@ -168,144 +118,79 @@ def clip_stacked_(grads: Sequence[torch.Tensor], *, max_norm: float) -> torch.Te
     return norms
 
 
-def _autocast(loop: LoopConfig, device: torch.device) -> Any:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=loop.autocast)
+class StackedStep:
+    """K same-shaped modules trained as one ``vmap``-ed model: a ``pipeline.loop.Step`` with ``k = K``.
 
-
-def fit_stacked(*, modules: Sequence[nn.Module], members: Sequence[Member], batch_fn: BatchFn, targets: torch.Tensor,
-                train_rows: torch.Tensor, val_rows: torch.Tensor, loss_fn: LossFn, loop: LoopConfig,
-                device: torch.device, val_loss_fn: LossFn | None = None,
-                epoch_metrics: EpochMetricsFn | None = None) -> list[MemberResult]:
-    """Train ``modules`` together; member i's result equals ``fit_one(modules[i], members[i], ...)``.
-
-    ``batch_fn(rows)`` gives the inputs of those rows (sliced from tensors already on ``device``);
-    ``targets`` are the encoded targets of every row. ``loss_fn`` must be vmappable (no boolean
-    indexing: use the trainer's unmasked loss and stack only when no train target is missing);
-    ``val_loss_fn`` (default ``loss_fn``) is called per member outside vmap, so it may mask.
+    ``data.loss_fn`` must be vmappable (no boolean indexing: use the trainer's unmasked loss and stack
+    only when no train target is missing); ``data.val_loss_fn`` is called per member outside vmap, so it
+    may mask. Member i draws its batches from its own ``RowBatches`` (seeded ``optims[i].seed``), so it
+    sees the batches it would see alone.
     """
-    if len(modules) != len(members):
-        raise ValueError("one Member per module")
-    val_loss_fn = val_loss_fn or loss_fn
-    heads = StackedHeads(modules, device=device)
-    names = list(heads.params)
-    opt = StackedAdamW([heads.params[n] for n in names], lrs=[m.lr for m in members],
-                       weight_decays=[m.weight_decay for m in members], betas=loop.betas, eps=loop.eps)
-    gens = [torch.Generator().manual_seed(m.seed) for m in members]  # on CPU: same order on every device
-    k, n = heads.k, int(train_rows.numel())
-    steps = _batches(n, loop.batch_size, drop_single_last=loop.drop_single_last)
-    y_val = targets.index_select(0, val_rows)
-    results: list[dict[str, Any]] = [
-        {"history": [], "best": math.inf, "best_epoch": -1, "state": None, "bad": 0, "active": True} for _ in range(k)]
-    step = 0
-    for epoch in range(1, loop.epochs + 1):
-        t0 = time.perf_counter()
-        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # (K, n)
-        perm = train_rows[order]
-        loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
-        for sl in steps:
-            rows = perm[:, sl]  # (K, B): each member its own batch
-            kk, b = rows.shape
-            inputs = tree_map(lambda t: t.reshape(kk, b, *t.shape[1:]), batch_fn(rows.reshape(-1)))
-            with _autocast(loop, device):
-                out = heads(inputs, train=True)
-            losses = vmap(loss_fn)(out, targets[rows])  # (K,)
-            # Members are independent, so the gradient of the sum is each member's own gradient.
-            grads = list(torch.autograd.grad(losses.sum(), [heads.params[nm] for nm in names]))
-            if loop.grad_clip > 0:
-                clip_stacked_(grads, max_norm=loop.grad_clip)
-            lr_f = _lr_factor(loop, step)
-            opt.step(grads, lr_factor=lr_f)
-            step += 1
-            loss_sum += losses.detach().to(loss_sum.dtype)
-        train_loss = (loss_sum / max(1, len(steps))).tolist()
+
+    def __init__(self, *, modules: Sequence[nn.Module], optims: Sequence[Optim], data: StepData,
+                 options: StepOptions, device: torch.device) -> None:
+        if len(modules) != len(optims):
+            raise ValueError("one Optim per module")
+        self.heads = StackedHeads(modules, device=device)
+        self.k = self.heads.k
+        self.names = list(self.heads.params)
+        self.opt = StackedAdamW([self.heads.params[n] for n in self.names], lrs=[m.lr for m in optims],
+                                weight_decays=[m.weight_decay for m in optims], betas=options.betas, eps=options.eps)
+        self.optims, self.data, self.options, self.device = list(optims), data, options, device
+        self.batches = [RowBatches(data.train_rows, batch_size=options.batch_size, seed=m.seed,
+                                   drop_single=options.drop_single) for m in optims]
+        self.y_val = data.targets.index_select(0, data.val_rows)
+        self.step_count = 0
+
+    def _lr_factor(self, step: int) -> float:
+        return 1.0 if self.options.lr_lambda is None else float(self.options.lr_lambda(step))
+
+    def train_step(self) -> torch.Tensor:
+        rows = torch.stack([next(b) for b in self.batches])  # (K, B): each member its own batch
+        kk, b = rows.shape
+        inputs = tree_map(lambda t: t.reshape(kk, b, *t.shape[1:]), self.data.batch_fn(rows.reshape(-1)))
+        with autocast(self.options, self.device):
+            out = self.heads(inputs, train=True)
+        losses = vmap(self.data.loss_fn)(out, self.data.targets[rows])  # (K,)
+        # Members are independent, so the gradient of the sum is each member's own gradient.
+        grads = list(torch.autograd.grad(losses.sum(), [self.heads.params[nm] for nm in self.names]))
+        if self.options.grad_clip > 0:
+            clip_stacked_(grads, max_norm=self.options.grad_clip)
+        self.opt.step(grads, lr_factor=self._lr_factor(self.step_count))
+        self.step_count += 1
+        return losses.detach()
+
+    def evaluate(self) -> list[dict[str, float]]:
+        d, vr = self.data, self.data.val_rows
         with torch.no_grad():
-            outs = [heads(batch_fn(val_rows[i:i + loop.eval_batch_size]), train=False, shared_inputs=True).float()
-                    for i in range(0, len(val_rows), loop.eval_batch_size)]
+            outs = [self.heads(d.batch_fn(vr[i:i + d.eval_batch_size]), train=False, shared_inputs=True).float()
+                    for i in range(0, len(vr), d.eval_batch_size)]
             out_val = torch.cat(outs, dim=1)  # (K, n_val, ...)
-        lr_now = _lr_factor(loop, step)
-        for i in range(k):
-            r = results[i]
-            if not r["active"]:
-                continue  # a stopped member stays in the stack (cheaper than restacking) but is ignored
-            val_loss = float(val_loss_fn(out_val[i], y_val))
-            if not math.isfinite(train_loss[i]):
-                raise FloatingPointError(f"member {i}: training loss became {train_loss[i]} in epoch {epoch}")
-            row = {"epoch": epoch, "train_loss": train_loss[i], "val_loss": val_loss, "lr": members[i].lr * lr_now}
-            if epoch_metrics is not None:
-                row.update(epoch_metrics(i, out_val[i]))
-            if val_loss < r["best"] - 1e-12 or r["state"] is None:
-                r.update(best=val_loss, best_epoch=epoch, bad=0, state=heads.member_state(i))
-            else:
-                r["bad"] += 1
-            r["history"].append(row)
-            if loop.patience and r["bad"] >= loop.patience:
-                r["active"] = False
-        seconds = (time.perf_counter() - t0) / k  # the stack's epoch, charged evenly to its members
-        for r in results:
-            if r["history"] and r["history"][-1]["epoch"] == epoch:
-                r["history"][-1]["seconds"] = seconds
-        if not any(r["active"] for r in results):
-            break
-    out: list[MemberResult] = []
-    for r in results:
-        for row in r["history"]:
-            row["best"] = float(row["epoch"] == r["best_epoch"])
-        out.append(MemberResult(state_dict=r["state"], history=r["history"], best_epoch=r["best_epoch"],
-                                best_val_loss=r["best"]))
-    return out
+        rows = []
+        for i in range(self.k):
+            row = {"val_loss": float((d.val_loss_fn or d.loss_fn)(out_val[i], self.y_val))}
+            if d.metrics_fn is not None:
+                row.update(d.metrics_fn(i, out_val[i]))
+            rows.append(row)
+        return rows
+
+    def lr(self, i: int) -> float:
+        return self.optims[i].lr * self._lr_factor(self.step_count)
+
+    def snapshot(self, i: int) -> dict[str, torch.Tensor]:
+        return self.heads.member_state(i)
+
+    def restore(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        pass  # the caller loads LoopResult.state_dict into its own module; the stack is discarded
 
 
-def fit_one(*, module: nn.Module, member: Member, batch_fn: BatchFn, targets: torch.Tensor, train_rows: torch.Tensor,
-            val_rows: torch.Tensor, loss_fn: LossFn, loop: LoopConfig, device: torch.device,
-            val_loss_fn: LossFn | None = None) -> MemberResult:
-    """The same loop for one module with stock ``torch.optim.AdamW``: the reference for ``fit_stacked``."""
-    val_loss_fn = val_loss_fn or loss_fn
-    module = module.to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=member.lr, weight_decay=member.weight_decay,
-                            betas=loop.betas, eps=loop.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(loop, s))
-    gen = torch.Generator().manual_seed(member.seed)
-    n = int(train_rows.numel())
-    steps = _batches(n, loop.batch_size, drop_single_last=loop.drop_single_last)
-    y_val = targets.index_select(0, val_rows)
-    history: list[dict[str, float]] = []
-    best, best_epoch, bad, best_state = math.inf, -1, 0, None
-    for epoch in range(1, loop.epochs + 1):
-        t0 = time.perf_counter()
-        module.train()
-        perm = train_rows.index_select(0, torch.randperm(n, generator=gen).to(device))
-        loss_sum = 0.0
-        for sl in steps:
-            rows = perm[sl]
-            with _autocast(loop, device):
-                out = module(batch_fn(rows))
-            loss = loss_fn(out, targets[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if loop.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), loop.grad_clip)
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
-        module.eval()
-        with torch.no_grad():
-            out_val = torch.cat([module(batch_fn(val_rows[i:i + loop.eval_batch_size])).float()
-                                 for i in range(0, len(val_rows), loop.eval_batch_size)])
-            val_loss = float(val_loss_fn(out_val, y_val))
-        row = {"epoch": epoch, "train_loss": loss_sum / max(1, len(steps)), "val_loss": val_loss,
-               "lr": opt.param_groups[0]["lr"]}
-        if val_loss < best - 1e-12 or best_state is None:
-            best, best_epoch, bad = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        else:
-            bad += 1
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        if loop.patience and bad >= loop.patience:
-            break
-    for row in history:
-        row["best"] = float(row["epoch"] == best_epoch)
-    return MemberResult(state_dict=best_state or {}, history=history, best_epoch=best_epoch, best_val_loss=best)
+def fit_stacked(*, modules: Sequence[nn.Module], optims: Sequence[Optim], data: StepData, options: StepOptions,
+                budget: Budget, device: torch.device, progress: bool = False) -> list[LoopResult]:
+    """Train ``modules`` together through ``pipeline.loop.run_loop``; member i's result equals that loop
+    run with ``SingleStep`` on ``modules[i]`` (to rounding). Each result's ``state_dict`` holds the
+    member's best-on-val weights and buffers."""
+    step = StackedStep(modules=modules, optims=optims, data=data, options=options, device=device)
+    return run_loop(step=step, budget=budget, progress=progress, desc=f"train x{step.k} stacked")
 
 
 def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, targets: torch.Tensor,
@@ -324,7 +209,7 @@ def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, tar
     k = len(copies)
     b = min(batch_size, int(train_rows.numel()))
     gen = torch.Generator().manual_seed(0)
-    loop = LoopConfig(epochs=1, batch_size=b, autocast=autocast)
+    options = StepOptions(batch_size=b, autocast=autocast)
 
     def pick() -> torch.Tensor:
         return train_rows[torch.randint(int(train_rows.numel()), (b,), generator=gen).to(train_rows.device)]
@@ -336,7 +221,7 @@ def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, tar
     def stacked_step() -> None:
         rows = torch.stack([pick() for _ in range(k)])
         inputs = tree_map(lambda t: t.reshape(k, b, *t.shape[1:]), batch_fn(rows.reshape(-1)))
-        with _autocast(loop, device):
+        with _autocast_ctx(options, device):
             out = heads(inputs, train=True)
         losses = vmap(loss_fn)(out, targets[rows])
         grads = list(torch.autograd.grad(losses.sum(), [heads.params[nm] for nm in names]))
@@ -349,7 +234,7 @@ def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, tar
         for m, o in zip(copies, opts):
             m.train()
             rows = pick()
-            with _autocast(loop, device):
+            with _autocast_ctx(options, device):
                 out = m(batch_fn(rows))
             loss = loss_fn(out, targets[rows])
             o.zero_grad(set_to_none=True)
@@ -371,6 +256,10 @@ def measure_step_seconds(*, modules: Sequence[nn.Module], batch_fn: BatchFn, tar
 
     return {"stacked": timed(stacked_step, stacked_context), "in_turn": timed(in_turn_step, in_turn_context),
             "k": k, "batch_size": b}
+
+
+def _autocast_ctx(options: StepOptions, device: torch.device) -> Any:
+    return autocast(options, device)
 
 
 def _sync(device: torch.device) -> None:

@@ -634,9 +634,12 @@ def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
     from pipeline import stacked as S
     from pipeline import train as T
 
+    from pipeline.loop import budget_for
+
     c0 = configs[0]
     n_train = int(features.rows("train").numel())
-    train_steps = c0.epochs * max(1, -(-n_train // min(c0.batch_size, n_train)))
+    train_steps = budget_for(config=c0, n_train=n_train, n_val=int(features.rows(c0.select_split).numel()),
+                             drop_single=False).max_steps
     if train_steps < MEASURE_MIN_TRAIN_STEPS:
         # Measuring costs 2 x (MEASURE_STEPS + 1) steps; on a short run that is a good part of the run itself.
         chosen = "stacked" if device.type == "cuda" else "in-turn"
@@ -667,17 +670,14 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
     """Train same-shaped torch heads together (``pipeline.stacked``); one ``train.FitResult`` per config.
 
     Each head is built exactly as ``train.fit`` builds it (same seed, so the same initial weights),
-    trained by the stacked loop that mirrors ``train.fit_module``, then evaluated and returned like
+    trained by ``pipeline.loop.run_loop`` with the stacked step (the loop ``train.fit`` runs), then evaluated and returned like
     an in-turn fit, so records cannot tell the two apart except by the sweep record's strategy.
     """
-    import functools
-    import math as _math
-
     import torch
 
-    from pipeline import metrics as M
     from pipeline import stacked as S
     from pipeline import train as T
+    from pipeline.loop import Optim
 
     t0 = time.perf_counter()
     problem, task = _stack_problem(configs=configs, features=features)
@@ -693,42 +693,27 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
     T.check_selectable(task=task, features=features, target=target, rows=val_rows, split=c0.select_split)
     heads = [T.build_head(config=c, features=features, task=task) for c in configs]
     inputs = tuple(heads[0].inputs)
-    y_all = task.encode(features.targets[target])
-    y_val_raw = features.targets[target].index_select(0, val_rows).cpu().numpy()
-    val_masked = bool((~task.valid(y_all.index_select(0, val_rows))).any())
-    n = int(train_rows.numel())
-    bs = min(c0.batch_size, n)
-    drop_single = T._has_batchnorm(heads[0].module)
-    steps_per_epoch = max(1, _math.ceil(n / bs) - (1 if drop_single and n % bs == 1 and n > 1 else 0))
-    total = steps_per_epoch * c0.epochs
-    warmup = max(1, int(round(c0.warmup_epochs * steps_per_epoch)))
-    loop = S.LoopConfig(epochs=c0.epochs, batch_size=bs, grad_clip=c0.grad_clip, patience=c0.patience,
-                        drop_single_last=drop_single, autocast=features.device.type == "cuda",
-                        lr_lambda=functools.partial(T.lr_factor, warmup_steps=warmup, total_steps=total))
+    data, options, budget = T.loop_parts(task=task, features=features, target=target, inputs=inputs,
+                                         train_rows=train_rows, val_rows=val_rows, config=c0,
+                                         module=heads[0].module, stacked=True)
     torch.manual_seed(c0.seed)  # dropout masks (drawn per member from one stream; see pipeline.stacked)
-
-    def epoch_metrics(i: int, out: torch.Tensor) -> dict[str, float]:
-        pred = task.decode(out).cpu().numpy()
-        return {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}
-
     # The trainer's CPU thread policy, sized for the whole stack (K heads' work per step).
-    with T._cpu_threads(module=heads[0].module, batch_size=bs * len(heads), device=features.device):
+    with T._cpu_threads(module=heads[0].module, batch_size=options.batch_size * len(heads), device=features.device):
         results = S.fit_stacked(
             modules=[h.module for h in heads],
-            members=[S.Member(lr=c.lr, weight_decay=c.weight_decay, seed=c.seed) for c in configs],
-            batch_fn=lambda rows: features.batch(inputs, rows), targets=y_all, train_rows=train_rows,
-            val_rows=val_rows, loss_fn=lambda out, t: task.loss_fn(out, t, masked=False),
-            val_loss_fn=lambda out, t: task.loss_fn(out, t, masked=val_masked),
-            loop=loop, device=features.device, epoch_metrics=epoch_metrics)
+            optims=[Optim(lr=c.lr, weight_decay=c.weight_decay, seed=c.seed) for c in configs],
+            data=data, options=options, budget=budget, device=features.device)
     train_seconds = (time.perf_counter() - t0) / len(configs)
     out = []
     for config, head, r in zip(configs, heads, results):
         t1 = time.perf_counter()
         head.module.load_state_dict(r.state_dict)
         head.module.eval()
+        head.fit_info = r.info()
         metrics, preds = T.evaluate(head=head, features=features, target=target)
         out.append(T.FitResult(config=config, head=head, task=task, target=target, inputs=inputs, history=r.history,
                                metrics=metrics, predictions=preds,
-                               seconds=train_seconds + time.perf_counter() - t1, select_split=config.select_split))
+                               seconds=train_seconds + time.perf_counter() - t1, select_split=config.select_split,
+                               info=dict(r.info(), strategy="stacked")))
     return out
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.config import TrainConfig, resolve_device, to_dict
 from pipeline.errors import TrainError
+from pipeline.loop import MIN_LR_FACTOR, lr_factor  # noqa: F401  (public here since before pipeline.loop)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_LR_FACTOR = 1e-3  # cosine decays to lr * this (the predecessor scripts' eta_min = lr * 1e-3)
 CLASSIFY_MAX_CLASSES = 20  # auto task: integer targets with at most this many values -> classify
 
 
@@ -349,14 +349,6 @@ def build_head(*, config: TrainConfig, features: FeatureSet, task: "Task") -> "H
 # --------------------------------------------------------------------------- training
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to MIN_LR_FACTOR at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def _has_batchnorm(module: "torch.nn.Module") -> bool:
     import torch
 
@@ -395,107 +387,71 @@ def has_batchnorm(module: "torch.nn.Module") -> bool:
 def fit_module(*, module: "torch.nn.Module", inputs: tuple[str, ...], task: "Task", features: FeatureSet,
                target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor", config: TrainConfig,
                progress: bool = False) -> list[dict[str, float]]:
-    """Train a torch head in place on index-sliced batches; keep the weights of the best epoch on val.
+    """``train_module``'s history rows (kept for callers that only want the history)."""
+    return train_module(module=module, inputs=inputs, task=task, features=features, target=target,
+                        train_rows=train_rows, val_rows=val_rows, config=config, progress=progress).history
 
-    Returns history rows: epoch, train_loss, val_loss, lr, seconds, and light val metrics.
-    """
+
+def loop_parts(*, task: "Task", features: FeatureSet, target: str, inputs: tuple[str, ...],
+               train_rows: "torch.Tensor", val_rows: "torch.Tensor", config: TrainConfig,
+               module: "torch.nn.Module", stacked: bool = False) -> tuple[Any, Any, Any]:
+    """(StepData, StepOptions, Budget) of a torch head on pooled/structured cache arrays, shared by
+    ``train_module`` (one head) and the sweep's stacked groups, so both run the very same setup.
+
+    ``stacked``: the training loss is unmasked (vmap cannot batch a data-dependent mask; the sweep
+    stacks only when no train target is missing)."""
+    import functools
+
+    from pipeline import loop as L
+    from pipeline import metrics as M
+
+    y_all = task.encode(features.targets[target])
+    train_masked = (not stacked) and bool((~task.valid(y_all.index_select(0, train_rows))).any())
+    val_masked = bool((~task.valid(y_all.index_select(0, val_rows))).any())
+    y_val_raw = features.targets[target].index_select(0, val_rows).cpu().numpy()
+    drop_single = _has_batchnorm(module)  # BatchNorm cannot train on a batch of one
+
+    def metrics_fn(i: int, out: "torch.Tensor") -> dict[str, float]:
+        pred = task.decode(out).cpu().numpy()
+        return {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}
+
+    data = L.StepData(batch_fn=functools.partial(features.batch, inputs), targets=y_all, train_rows=train_rows,
+                      val_rows=val_rows, loss_fn=functools.partial(task.loss_fn, masked=train_masked),
+                      val_loss_fn=functools.partial(task.loss_fn, masked=val_masked), metrics_fn=metrics_fn)
+    budget = L.budget_for(config=config, n_train=int(train_rows.numel()), n_val=int(val_rows.numel()),
+                          drop_single=drop_single)
+    options = L.StepOptions(batch_size=min(config.batch_size, int(train_rows.numel())), grad_clip=config.grad_clip,
+                            drop_single=drop_single, autocast=features.device.type == "cuda",
+                            lr_lambda=budget.lr_factor)
+    return data, options, budget
+
+
+def train_module(*, module: "torch.nn.Module", inputs: tuple[str, ...], task: "Task", features: FeatureSet,
+                 target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor", config: TrainConfig,
+                 progress: bool = False) -> Any:
+    """Train a torch head in place through ``pipeline.loop.run_loop`` with a ``SingleStep``; the best-on-val
+    weights are restored. Returns the ``loop.LoopResult`` (history, converged, steps, budget)."""
     import torch
+
+    from pipeline import loop as L
 
     device = features.device
     module.to(device)
-    y_all = task.encode(features.targets[target])
-    y_train_raw_missing = bool((~task.valid(y_all.index_select(0, train_rows))).any())
-    n = int(train_rows.numel())
-    bs = min(config.batch_size, n)
-    # BatchNorm cannot train on a batch of one: drop a trailing single-row batch
-    drop_single = _has_batchnorm(module)
-    steps_per_epoch = max(1, math.ceil(n / bs) - (1 if drop_single and n % bs == 1 and n > 1 else 0))
-    total = steps_per_epoch * config.epochs
-    warmup = max(1, int(round(config.warmup_epochs * steps_per_epoch)))
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total))
-    use_autocast = device.type == "cuda"
-    gen = torch.Generator().manual_seed(config.seed)  # shuffling on CPU: identical order on every device
+    data, options, budget = loop_parts(task=task, features=features, target=target, inputs=inputs,
+                                       train_rows=train_rows, val_rows=val_rows, config=config, module=module)
     torch.manual_seed(config.seed)  # dropout
-    y_val_raw = features.targets[target].index_select(0, val_rows)
-    y_val = y_all.index_select(0, val_rows)
-    val_masked = bool((~task.valid(y_val)).any())
-
-    with _cpu_threads(module=module, batch_size=bs, device=device):
-        history, best_epoch = _train_epochs(
-            module=module, inputs=inputs, task=task, features=features, train_rows=train_rows, val_rows=val_rows,
-            config=config, progress=progress, y_all=y_all, y_val=y_val, y_val_raw=y_val_raw, val_masked=val_masked,
-            train_masked=y_train_raw_missing, bs=bs, drop_single=drop_single, opt=opt, sched=sched, gen=gen,
-            use_autocast=use_autocast)
-    for row in history:
-        row["best"] = float(row["epoch"] == best_epoch)
-    return history
+    step = L.SingleStep(module=module, optim=L.Optim(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed),
+                        data=data, options=options, device=device)
+    with _cpu_threads(module=module, batch_size=options.batch_size, device=device):
+        (result,) = L.run_loop(step=step, budget=budget, progress=progress,
+                               desc=f"train {getattr(module, 'name', '')}".strip(),
+                               on_error=lambda i, loss, at: diverged(loss=loss, step=at, lr=config.lr))
+    return result
 
 
-def _train_epochs(*, module, inputs, task, features, train_rows, val_rows, config, progress, y_all, y_val,
-                  y_val_raw, val_masked, train_masked, bs, drop_single, opt, sched, gen, use_autocast):
-    import torch
-    from tqdm.auto import tqdm
-
-    from pipeline import metrics as M
-
-    device = features.device
-    n = int(train_rows.numel())
-    history: list[dict[str, float]] = []
-    best_loss, best_state, best_epoch, bad = math.inf, None, -1, 0
-    bar = tqdm(range(1, config.epochs + 1), desc=f"train {getattr(module, 'name', '')}".strip(), unit="epoch",
-               disable=not progress, leave=False)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        module.train()
-        perm = train_rows.index_select(0, torch.randperm(n, generator=gen).to(device))
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            if drop_single and idx.numel() == 1 and n > 1:
-                continue
-            batch = features.batch(inputs, idx)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                out = module(batch)
-            loss = task.loss_fn(out, y_all.index_select(0, idx), masked=train_masked)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-            n_steps += 1
-        train_loss = float(loss_sum) / max(1, n_steps)
-        if not math.isfinite(train_loss):
-            raise TrainError(f"training loss became {train_loss} in epoch {epoch} (lr {config.lr}); lower --lr, "
-                             f"set loss=smooth_l1, or check the targets for extreme values")
-        # validation: one pass in eval mode
-        module.eval()
-        with torch.inference_mode():
-            outs = [module(features.batch(inputs, val_rows[i:i + 4096])).float() for i in range(0, len(val_rows), 4096)]
-            out_val = torch.cat(outs)
-            val_loss = float(task.loss_fn(out_val, y_val, masked=val_masked))
-            pred = task.decode(out_val)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]}
-        row.update({f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw.cpu().numpy(),
-                                                                pred=pred.cpu().numpy()).items()})
-        if val_loss < best_loss - 1e-12 or best_state is None:
-            best_loss, best_epoch, bad = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        else:
-            bad += 1
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")})
-        if config.patience and bad >= config.patience:
-            log.info("early stop at epoch %d (best %d, val_loss %.4g)", epoch, best_epoch, best_loss)
-            break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    return history, best_epoch
+def diverged(*, loss: float, step: int, lr: float) -> TrainError:
+    return TrainError(f"training loss became {loss} at step {step} (lr {lr}); lower --lr, set loss=smooth_l1, or "
+                      f"check the targets for extreme values")
 
 
 @dataclass(frozen=True)
@@ -512,6 +468,9 @@ class FitResult:
     predictions: dict[str, dict[str, "np.ndarray"]]  # split -> {rows, target, prediction}
     seconds: float
     select_split: str
+    # what the head reports about its fit: converged, steps_run, ... (pipeline.loop.LoopResult.info), and
+    # for the linear probe the chosen L2 strength, its path and refit
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate(*, head: "Head", features: FeatureSet, target: str,
@@ -557,7 +516,7 @@ def fit(*, config: TrainConfig, features: FeatureSet, progress: bool = False) ->
     inputs = tuple(head.inputs)
     return FitResult(config=config, head=head, task=task, target=target, inputs=inputs, history=history,
                      metrics=metrics, predictions=preds, seconds=time.perf_counter() - t0,
-                     select_split=config.select_split)
+                     select_split=config.select_split, info=dict(getattr(head, "fit_info", None) or {}))
 
 
 # --------------------------------------------------------------------------- records
@@ -632,6 +591,7 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
         "train": to_dict(cfg), "target": fit_result.target, "inputs": list(fit_result.inputs),
         "task": fit_result.task.to_dict(), "select_split": fit_result.select_split, "seed": cfg.seed,
         "cache": {"key": features.cache_key, "path": features.cache_path}, "device": str(features.device),
+        "fit": dict(fit_result.info),  # converged, steps_run, budget; linear probe: l2 path, chosen C, refit
     }
     paths = {"run_dir": str(run_dir), "config": str(run_dir / "config.yaml")}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
@@ -650,7 +610,7 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
     row = R.results_row(run_id=run_id, config_id=cid, config=cfg, cache_key=features.cache_key,
                         target=fit_result.target, task=fit_result.task.kind, select_split=fit_result.select_split,
                         sweep_id=sweep_id, created=created, seconds=fit_result.seconds, metrics=fit_result.metrics,
-                        run_dir=run_dir, epochs_run=len(fit_result.history))
+                        run_dir=run_dir, epochs_run=len(fit_result.history), info=fit_result.info)
     paths["results_row"] = str(R.write_results_row(runs_dir=runs_dir, run_id=run_id, row=row))
     return RunResult(run_id=run_id, run_dir=run_dir, config_id=cid, arch=cfg.arch, target=fit_result.target,
                      task=fit_result.task.kind, cache_key=features.cache_key, select_split=fit_result.select_split,

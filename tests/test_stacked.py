@@ -1,8 +1,9 @@
 """Stacked (torch.func vmap) training equals training the same heads one at a time.
 
-Two levels: the engine against its stock-torch reference in float64 (equal to ~1e-10: same init,
-same batches, same schedule, clipping, early stopping), and the sweep's stacked path against the
-real trainer (``pipeline.train.fit``) in float32, where equality is to rounding.
+Two levels: the stacked step against the single-model step, both driven by the one production loop
+(``pipeline.loop.run_loop``) in float64 (equal to ~1e-10: same init, same batches, same schedule,
+clipping, early stopping), and the sweep's stacked path against the real trainer (``pipeline.train.fit``)
+in float32, where equality is to rounding.
 
 Why float32 compares outputs, not weights, and why BatchNorm is only compared in float64: a Linear
 bias right before BatchNorm gets a gradient that is zero up to rounding, and Adam normalises that
@@ -12,14 +13,13 @@ not see it (BatchNorm subtracts the batch mean), but the running mean used in ev
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import loop as L
 from pipeline import stacked as S
 
 
@@ -37,24 +37,31 @@ def _net(seed: int, d: int, dtype) -> nn.Module:
                          nn.Linear(12, 2)).to(dtype)
 
 
-def test_engine_equals_one_at_a_time_float64():
+def test_stacked_step_equals_single_step_through_the_production_loop_float64():
+    """Both steps run by the one production loop (``pipeline.loop.run_loop``), no reference copy."""
     x, y, tr, va = _data()
-    members = [S.Member(lr=1e-3, weight_decay=1e-2, seed=0), S.Member(lr=3e-3, weight_decay=0.0, seed=1),
-               S.Member(lr=2e-2, weight_decay=5e-2, seed=2), S.Member(lr=1e-2, weight_decay=1e-3, seed=0)]
-    loop = S.LoopConfig(epochs=6, batch_size=40, grad_clip=0.5, patience=2, drop_single_last=True,
-                        lr_lambda=lambda t: min(1.0, (t + 1) / 8) * 0.5 * (1 + math.cos(math.pi * min(1, t / 30))))
-    kw = dict(batch_fn=lambda r: x[r], targets=y, train_rows=tr, val_rows=va, loss_fn=F.cross_entropy, loop=loop,
-              device=torch.device("cpu"))
-    stacked = S.fit_stacked(modules=[_net(i, 12, torch.float64) for i in range(4)], members=members, **kw)
-    for i, member in enumerate(members):
-        alone = S.fit_one(module=_net(i, 12, torch.float64), member=member, **kw)
-        assert alone.best_epoch == stacked[i].best_epoch
+    optims = [L.Optim(lr=1e-3, weight_decay=1e-2, seed=0), L.Optim(lr=3e-3, weight_decay=0.0, seed=1),
+              L.Optim(lr=2e-2, weight_decay=5e-2, seed=2), L.Optim(lr=1e-2, weight_decay=1e-3, seed=0)]
+    budget = L.Budget(max_steps=30, eval_every=4, steps_per_epoch=5, patience=2, warmup_steps=8)
+    options = L.StepOptions(batch_size=40, grad_clip=0.5, drop_single=True, lr_lambda=budget.lr_factor)
+    data = L.StepData(batch_fn=lambda r: x[r], targets=y, train_rows=tr, val_rows=va, loss_fn=F.cross_entropy)
+    cpu = torch.device("cpu")
+    stacked = S.fit_stacked(modules=[_net(i, 12, torch.float64) for i in range(4)], optims=optims, data=data,
+                            options=options, budget=budget, device=cpu)
+    assert any(r.stop == "plateau" for r in stacked) and any(r.stop == "budget" for r in stacked)
+    for i, optim in enumerate(optims):
+        module = _net(i, 12, torch.float64)
+        (alone,) = L.run_loop(step=L.SingleStep(module=module, optim=optim, data=data, options=options, device=cpu),
+                              budget=budget)
+        assert (alone.best_step, alone.stop, alone.converged, alone.steps) == \
+            (stacked[i].best_step, stacked[i].stop, stacked[i].converged, stacked[i].steps)
         assert len(alone.history) == len(stacked[i].history)
         for a, b in zip(alone.history, stacked[i].history):
-            assert a["epoch"] == b["epoch"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+            assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-9)
-        for name, value in alone.state_dict.items():
+        # the loop restored the best-on-val weights into the single module; the stack returns them
+        for name, value in module.state_dict().items():
             torch.testing.assert_close(stacked[i].state_dict[name], value, rtol=1e-8, atol=1e-9, msg=name)
 
 

@@ -11,7 +11,7 @@ A *family* (``HeadFamily``, registered by name in ``pipeline.registry.HEADS``) s
 A built ``Head`` is anything with ``fit / predict / save / load`` (``Head`` Protocol below). Torch
 heads are plain ``nn.Module``s wrapped by ``TorchHead`` (composition, no base class): a family
 author writes only ``build(*, params, shapes, n_outputs) -> nn.Module`` and registers it with
-``@torch_head(...)``; the shared trainer (``pipeline.train.fit_module``) trains it. LightGBM
+``@torch_head(...)``; the shared loop (``pipeline.loop``, via ``pipeline.train.train_module``) trains it. LightGBM
 (``lightgbm_head.py``) implements the same four methods itself.
 
 Batch contract (what ``module.forward(batch)`` receives; built by ``FeatureSet.batch``):
@@ -101,7 +101,7 @@ class HeadFamily:
     build: HeadBuilder  # (*, params, shapes, task) -> Head; params already merged with defaults
     defaults: Mapping[str, Any] = field(default_factory=dict)  # every network param with its default
     per_object: bool = False  # targets (N, Q) and outputs (B, Q, n_outputs)
-    kind: str = "torch"  # torch (trained by pipeline.train.fit_module) | external (fits itself)
+    kind: str = "torch"  # torch (trained by pipeline.loop via train.train_module) | external (fits itself)
     # Params the conformance test uses on its tiny synthetic cache (e.g. fewer trees, smaller hidden);
     # the test builds that cache from `inputs(...)`, so a new family is covered when it registers.
     test_params: Mapping[str, Any] = field(default_factory=dict)
@@ -151,13 +151,17 @@ class TorchHead:
         self.module = module
         self.inputs = tuple(inputs)
         self.task = task
+        self.fit_info: dict[str, Any] = {}
 
     def fit(self, *, features: "FeatureSet", target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor",
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
-        from pipeline.train import fit_module
+        from pipeline.train import train_module
 
-        return fit_module(module=self.module, inputs=self.inputs, task=self.task, features=features,
-                          target=target, train_rows=train_rows, val_rows=val_rows, config=config, progress=progress)
+        result = train_module(module=self.module, inputs=self.inputs, task=self.task, features=features,
+                              target=target, train_rows=train_rows, val_rows=val_rows, config=config,
+                              progress=progress)
+        self.fit_info = result.info()  # converged, steps_run, budget: into the run record and results row
+        return result.history
 
     def outputs(self, *, features: "FeatureSet", rows: "torch.Tensor", batch_size: int = 4096) -> "torch.Tensor":
         """Raw (encoded-space) outputs, eval mode, no grad, on the features' device."""
