@@ -270,14 +270,26 @@ def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
 @json_option
 def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, batch_size, seed, device,
                cache_root, runs_dir, as_json):
-    """Phase two: train a head from a complete cache and record the run."""
+    """Phase two: train a head from a complete cache and record the run.
+
+    Budget: by default scaled to the data and stopped on a val plateau (README "Convergence");
+    --epochs N trains N epochs' worth of steps evaluated once per epoch; --set max_steps=N sets steps.
+    """
+    import dataclasses
+
     from pipeline import config as cfg
     from pipeline.train import run_train_head
 
     overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
                  "batch_size": batch_size, "seed": seed, "device": device}
     if sets:
-        overrides["params"] = cfg.parse_set_options(sets)
+        # TrainConfig keys (max_steps, eval_every, patience, ...) go to the trainer, as in `ftpipe sweep`
+        parsed = cfg.parse_set_options(sets)
+        train_keys = {f.name for f in dataclasses.fields(cfg.TrainConfig)} - {"params", "arch"}
+        overrides.update({k: v for k, v in parsed.items() if k in train_keys})
+        params = {k: v for k, v in parsed.items() if k not in train_keys}
+        if params:
+            overrides["params"] = params
     config = cfg.load(cfg.TrainConfig, yaml_path=config_path, overrides=overrides)
     result = run_train_head(
         cache_ref=cache_ref,
@@ -286,6 +298,8 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
         runs_dir=Path(runs_dir),
         progress=not as_json and sys.stderr.isatty(),
     )
+    if result.convergence_warning():  # before the result, so the result stays the last line
+        click.echo(result.convergence_warning(), err=True)
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -341,6 +355,8 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
         strategy=strategy,
         progress=not as_json and sys.stderr.isatty(),
     )
+    if result.warning:  # before the result, so the result stays the last line
+        click.echo(result.warning, err=True)
     if as_json:
         _emit_json(result.to_dict())
     else:

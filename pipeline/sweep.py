@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pipeline import config as cfg
 from pipeline.errors import ConfigError, FtpipeError
-
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "stacked", "in-turn")
@@ -329,12 +328,15 @@ class SweepResult:
     groups: tuple[dict[str, Any], ...]  # per trained group: arch, k, strategy, measured step seconds, seconds
     seconds: float
     leaderboard: tuple[dict[str, Any], ...]  # results.leaderboard rows over exactly these runs
+    not_converged: tuple[str, ...] = ()  # trained now with converged: false (val loss still improving)
+    warning: str | None = None  # the one-line convergence warning with its fix, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {"sweep_id": self.sweep_id, "record": str(self.record), "run_ids": list(self.run_ids),
                 "trained": list(self.trained), "skipped": list(self.skipped), "failed": list(self.failed),
                 "caches": list(self.caches),
-                "groups": list(self.groups), "seconds": self.seconds, "leaderboard": list(self.leaderboard)}
+                "groups": list(self.groups), "seconds": self.seconds, "leaderboard": list(self.leaderboard),
+                "not_converged": list(self.not_converged)}
 
     def summary(self, *, top: int = 10) -> str:
         chosen: dict[str, int] = {}
@@ -487,8 +489,15 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
     log.info("sweep %s: %d trials x %d cache(s); %d to train, %d already recorded; device %s", sweep_id,
              len(trials), len(plans), n_todo, len(record["skipped"]), device)
 
+    from pipeline.train import convergence_warning
+
+    infos: dict[str, dict[str, Any]] = {}
+
     def recorded_run(run: Any) -> None:
         record["trained"].append(run.run_id)
+        infos[run.run_id] = dict(run.info)
+        if run.info.get("converged") is False:
+            record.setdefault("not_converged", []).append(run.run_id)
         record["updated"] = _now()
         _write_json(record_path, record)
         if on_run is not None:
@@ -517,7 +526,9 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
                        trained=tuple(record["trained"]), skipped=tuple(record["skipped"]),
                        failed=tuple(record["failed"]),
                        caches=tuple(record["caches"]), groups=tuple(record["groups"]),
-                       seconds=time.perf_counter() - t_start, leaderboard=tuple(board))
+                       seconds=time.perf_counter() - t_start, leaderboard=tuple(board),
+                       not_converged=tuple(record.get("not_converged", [])),
+                       warning=convergence_warning(run_ids=list(infos), infos=list(infos.values())))
 
 
 def _now() -> str:
@@ -607,7 +618,8 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
         return "a group of one", None
     family = HEADS.get(configs[0].arch)
     if family.kind != "torch":
-        return f"{family.name} is not a torch head", None
+        # e.g. `linear`: one full-batch L-BFGS solve per L2 strength, no SGD steps for vmap to batch
+        return f"{family.name} fits itself ({'full-batch L-BFGS / closed form' if family.name == 'linear' else 'not by SGD steps'}), not by the SGD loop", None
     target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
     train_rows = features.rows("train")
     task = T.resolve_task(config=configs[0], features=features, target=target, train_rows=train_rows)

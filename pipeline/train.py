@@ -553,12 +553,21 @@ class RunResult:
     paths: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     sweep_id: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # FitResult.info: converged, steps_run, l2 path, ...
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "config_id": self.config_id, "arch": self.arch,
                 "target": self.target, "task": self.task, "cache_key": self.cache_key,
                 "select_split": self.select_split, "sweep_id": self.sweep_id, "seconds": self.seconds,
-                "paths": dict(self.paths), "metrics": self.metrics}
+                "paths": dict(self.paths), "metrics": self.metrics, "fit": self.info}
+
+    @property
+    def converged(self) -> bool | None:
+        return self.info.get("converged")
+
+    def convergence_warning(self) -> str | None:
+        """One line with the fix when the val loss was still improving at the end of the budget, else None."""
+        return convergence_warning(run_ids=[self.run_id], infos=[self.info])
 
     def summary(self) -> str:
         from pipeline.metrics import headline
@@ -569,6 +578,23 @@ class RunResult:
                 lines.append(f"  {split:5s} " + headline(self.metrics[split]))
         lines.append(f"  selected on {self.select_split}; record: {self.run_dir}")
         return "\n".join(lines)
+
+
+def convergence_warning(*, run_ids: list[str], infos: list[Mapping[str, Any]]) -> str | None:
+    """``warning: ...`` naming the runs whose ``converged`` is false and how to give them more steps."""
+    bad = [(r, i) for r, i in zip(run_ids, infos) if i.get("converged") is False]
+    if not bad:
+        return None
+    rid, info = bad[0]
+    if info.get("solver") == "lbfgs":
+        fix = f"--set max_iter={2 * int(info.get('max_iter') or 1000)}"
+        what = "L-BFGS stopped at max_iter before its gradient tolerance"
+    else:
+        steps = int(info.get("max_steps") or info.get("steps_run") or 0)
+        fix = f"--set max_steps={2 * steps} (or a larger --epochs)"
+        what = f"val loss still improving when the {steps}-step budget ran out"
+    who = f"run {rid}" if len(bad) == 1 else f"{len(bad)} runs (e.g. {rid})"
+    return f"warning: {who} did not converge ({what}); train longer: {fix}"
 
 
 def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sweep_id: str | None = None,
@@ -614,7 +640,8 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
     paths["results_row"] = str(R.write_results_row(runs_dir=runs_dir, run_id=run_id, row=row))
     return RunResult(run_id=run_id, run_dir=run_dir, config_id=cid, arch=cfg.arch, target=fit_result.target,
                      task=fit_result.task.kind, cache_key=features.cache_key, select_split=fit_result.select_split,
-                     metrics=fit_result.metrics, paths=paths, seconds=fit_result.seconds, sweep_id=sweep_id)
+                     metrics=fit_result.metrics, paths=paths, seconds=fit_result.seconds, sweep_id=sweep_id,
+                     info=dict(fit_result.info))
 
 
 def object_metrics(*, fit_result: FitResult, features: FeatureSet) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def test_stacked_adamw_and_clipping_match_torch_in_one_step():
 # BatchNorm heads are held equal in float64 by the engine test above; through the float32 trainer their
 # eval outputs drift ~1e-3 apart (the pre-BatchNorm bias noise above enters the running mean), so here
 # the heads use LayerNorm or none and must agree to ~1e-6.
-@pytest.mark.parametrize("arch, params", [("linear", {}),
+@pytest.mark.parametrize("arch, params", [("linear-sgd", {}),
                                           ("mlp", {"hidden": [16, 8], "dropout": 0.0, "norm": "layer"})])
 def test_sweep_stacked_path_equals_the_trainer_run_one_at_a_time(arch, params):
     from pipeline.config import TrainConfig

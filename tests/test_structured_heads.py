@@ -199,7 +199,7 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
     feats = _salient_step_features()
     common = dict(epochs=20, lr=3e-3, batch_size=64, device="cpu")
     linear = fit(
-        config=TrainConfig(arch="linear", params={"features": "pooled/mean"}, **common), features=feats
+        config=TrainConfig(arch="linear-sgd", params={"features": "pooled/mean"}, **common), features=feats
     )
     attn = fit(
         config=TrainConfig(arch="attn-pool", params={"learned_query": True, "hidden": 16}, **common),

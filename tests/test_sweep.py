@@ -235,7 +235,7 @@ def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkey
     monkeypatch.setattr(SW, "MEASURE_MIN_TRAIN_STEPS", 0)  # the tiny run would otherwise not be worth measuring
     key = tiny_cache(tmp_path / "cache")
     spec = SweepSpec(name="auto", device="cpu", target="label", train={"epochs": 1},
-                     grids=({"arch": ("linear",), "lr": (1e-3, 1e-2)},))
+                     grids=({"arch": ("linear-sgd",), "lr": (1e-3, 1e-2)},))
     with caplog.at_level(logging.INFO, logger="pipeline.sweep"):
         result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs")
     (group,) = result.groups
