@@ -24,8 +24,10 @@ Budget (``Budget``, resolved by ``budget_for`` from a ``TrainConfig`` and the da
 - else (the default) ``AUTO_EPOCHS`` epochs' worth of steps, clamped to
   ``[AUTO_MIN_STEPS, AUTO_MAX_STEPS]``: a few hundred rows get ~1,000 steps (hundreds of epochs), a
   few million rows ~1 epoch (20,000 steps of 256 rows). The plateau rule stops most runs well before.
-- ``eval_every``: one epoch, but at least ``n_val / batch_size`` steps (an evaluation then costs at
-  most about a third of the training between two) and at most ``max_steps / 50`` in the auto budget.
+- ``eval_every`` (auto and max_steps budgets): one epoch, but at least ``max_steps / 100`` steps (on
+  tiny data an epoch is 1-2 steps and ``patience`` such evaluations are noise, not a plateau), at most
+  ``max_steps / 50`` (millions of rows), and at least ``n_val / batch_size`` (an evaluation then costs
+  at most about a third of the training between two). With ``epochs``: once per epoch.
 - ``patience``: evaluations without a lower val loss (by > 1e-12) before a member stops (0: never).
 
 ``converged`` (recorded per run): true when the member stopped on the plateau; when the budget ran
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 AUTO_EPOCHS = 100  # auto budget: this many epochs' worth of steps ...
 AUTO_MIN_STEPS = 1000  # ... but at least this many (tiny data: hundreds of epochs) ...
 AUTO_MAX_STEPS = 20000  # ... and at most this many (millions of rows: ~1 epoch)
-AUTO_MAX_EVALS = 50  # auto budget: evaluate at least every max_steps / this steps
+AUTO_EVALS = 100  # auto / max_steps budget: evaluate at most this many times (tiny data: not every 1-2 steps)
+AUTO_MAX_EVALS = 50  # ... and at least this many times (millions of rows: not once per 10k-step epoch)
 MIN_LR_FACTOR = 1e-3  # cosine decays to lr * this (the predecessor scripts' eta_min = lr * 1e-3)
 CONVERGED_RTOL = 1e-3  # "still improving" = the last evaluations lowered the best val loss by more than this
 
@@ -108,8 +111,11 @@ def budget_for(*, config: Any, n_train: int, n_val: int, drop_single: bool) -> B
         if source == "epochs":
             every = spe
         else:
-            every = max(spe if source == "max_steps" else min(spe, max(1, total // AUTO_MAX_EVALS)),
-                        math.ceil(n_val / bs))
+            # one epoch, but: at least total / AUTO_EVALS steps (on tiny data an epoch is 1-2 steps, and a
+            # plateau of `patience` such evaluations is noise, not convergence); at most total / AUTO_MAX_EVALS
+            # (millions of rows); and at least n_val / batch_size (an evaluation then costs at most ~1/3 of
+            # the training between two)
+            every = max(min(max(spe, total // AUTO_EVALS), max(1, total // AUTO_MAX_EVALS)), math.ceil(n_val / bs))
     every = max(1, min(int(every), total))
     warmup = config.warmup_epochs * spe
     if source == "auto":

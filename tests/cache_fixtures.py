@@ -139,3 +139,24 @@ def synthetic_cache(root: Path, *, arrays: Iterable[str] = ("pooled/mean",), tas
         wr.write_batch(0, {s.name: data[s.name] for s in schema.arrays})
         assert wr.finalize()
     return path
+
+
+def array_cache(root: Path, *, x: np.ndarray, y: np.ndarray, split: np.ndarray, name: str,
+                array: str = "pooled/mean", target: str = "y") -> Path:
+    """A complete cache holding given features ``x (N, D)`` as ``array`` and ``y`` as ``targets/<target>``
+    (e.g. a scikit-learn dataset's raw features), written through the cache API like ``synthetic_cache``."""
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float32)
+    n = len(x)
+    specs = [ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+             ArraySpec(f"targets/{target}", "float32", y.shape[1:], fill=float("nan")),
+             ArraySpec(array, "float32", x.shape[1:])]
+    schema = CacheSchema(n_samples=n, arrays=tuple(specs), ragged_lengths={})
+    record = {"fixture": "arrays", "name": name, "n": n, "d": int(x.shape[1]), "array": array, "target": target}
+    path = create_cache(root=Path(root), key=make_key(record), key_record=record, schema=schema,
+                        attrs={"backbone": "none (raw features)"})
+    with CacheWriter(path, background=False) as wr:
+        wr.write_batch(0, {"sample_id": np.arange(n, dtype=np.int64), "split": np.asarray(split, np.uint8),
+                           f"targets/{target}": y, array: x})
+        assert wr.finalize()
+    return path

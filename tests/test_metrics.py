@@ -66,3 +66,31 @@ def test_per_object_regression_ignores_unmatched():
 def test_direction():
     assert higher_is_better("val_auroc") and higher_is_better("test_r2") and not higher_is_better("val_mse")
     assert not higher_is_better("val_log_loss") and not higher_is_better("val_res68")
+
+
+@pytest.mark.parametrize("kind, c", [("classify", 2), ("classify", 4), ("regress", 1), ("regress", 3)])
+def test_epoch_metrics_equal_the_scikit_learn_light_metrics(kind, c):
+    from pipeline.metrics import compute, epoch_metrics
+    from pipeline.task import Task
+
+    rng = np.random.default_rng(c)
+    n = 300
+    if kind == "classify":
+        task = Task(kind="classify", n_outputs=c, classes=tuple(float(i) for i in range(c)))
+        y = rng.integers(0, c, n).astype(float)
+        y[:5] = np.nan
+        logits = rng.standard_normal((n, c)) + 1.5 * np.eye(c)[np.nan_to_num(y).astype(int)]
+        logits[10:20] = np.round(logits[10:20])  # ties
+        pred = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    else:
+        task = Task(kind="regress", n_outputs=c, loss="mse")
+        y = rng.standard_normal((n, c)) if c > 1 else rng.standard_normal(n)
+        pred = (y if c > 1 else y[:, None]) + 0.5 * rng.standard_normal((n, c))
+        y = y.copy()
+        y[:4] = np.nan
+    ref = compute(task=task, y=y, pred=pred, light=True)
+    ref.pop("n")
+    fast = epoch_metrics(task=task, y=y, pred=pred)
+    assert fast.keys() == ref.keys()
+    for k in ref:
+        assert fast[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
