@@ -308,6 +308,8 @@ class LoopState:
     loss_sum: Any = None  # (k,) float64 tensor: train losses since the last evaluation
     n_loss: int = 0
     t_last: float = 0.0
+    step_seconds: float = 0.0  # wall time inside step.train_step (the training itself)
+    eval_seconds: float = 0.0  # wall time inside step.evaluate + bookkeeping (snapshots, history)
 
 
 @dataclass(frozen=True)
@@ -323,12 +325,15 @@ class LoopResult:
     steps: int  # optimiser steps this member took while active
     budget: Budget
     state_dict: dict[str, Any] = field(default_factory=dict)
+    step_seconds: float = 0.0  # this member's share of the time spent in train steps
+    eval_seconds: float = 0.0  # ... and in evaluations
 
     def info(self) -> dict[str, Any]:
         """What goes into the run record (``fit`` in config.yaml) and the results row."""
         return {"converged": self.converged, "stop": self.stop, "steps_run": self.steps, "best_step": self.best_step,
                 "max_steps": self.budget.max_steps, "eval_every": self.budget.eval_every,
-                "budget": self.budget.source, "patience_evals": self.budget.patience}
+                "budget": self.budget.source, "patience_evals": self.budget.patience,
+                "step_seconds": self.step_seconds, "eval_seconds": self.eval_seconds}
 
 
 def converged(history: Sequence[dict[str, float]], *, stop: str, patience: int) -> bool:
@@ -361,13 +366,17 @@ def run_loop(*, step: Step, budget: Budget, progress: bool = False, desc: str = 
     bar = tqdm(total=budget.max_steps, desc=desc, unit="step", disable=not progress, leave=False)
     try:
         while st.step < budget.max_steps:
+            t0 = time.perf_counter()
             losses = step.train_step()
+            st.step_seconds += time.perf_counter() - t0
             st.loss_sum = losses.double() if st.loss_sum is None else st.loss_sum + losses.double()
             st.n_loss += 1
             st.step += 1
             if st.step % budget.eval_every and st.step < budget.max_steps:
                 continue
+            t0 = time.perf_counter()
             _evaluate(step=step, st=st, on_error=on_error)
+            st.eval_seconds += time.perf_counter() - t0
             bar.update(st.step - bar.n)
             row = st.members[0].history[-1] if st.members[0].history else {}
             bar.set_postfix({kk: f"{v:.4g}" for kk, v in row.items() if kk in ("train_loss", "val_loss")})
@@ -385,7 +394,8 @@ def run_loop(*, step: Step, budget: Budget, progress: bool = False, desc: str = 
         out.append(LoopResult(history=m.history, best_step=m.best_step,
                               best_epoch=m.best_step / budget.steps_per_epoch, best_val_loss=m.best_loss,
                               converged=converged(m.history, stop=m.stop, patience=budget.patience),
-                              stop=m.stop, steps=steps_run, budget=budget, state_dict=m.best_state or {}))
+                              stop=m.stop, steps=steps_run, budget=budget, state_dict=m.best_state or {},
+                              step_seconds=st.step_seconds / k, eval_seconds=st.eval_seconds / k))
     return out
 
 
