@@ -589,6 +589,9 @@ def convergence_warning(*, run_ids: list[str], infos: list[Mapping[str, Any]]) -
     if info.get("solver") == "lbfgs":
         fix = f"--set max_iter={2 * int(info.get('max_iter') or 1000)}"
         what = "L-BFGS stopped at max_iter before its gradient tolerance"
+    elif info.get("solver") == "lightgbm":
+        fix = f"--set n_estimators={2 * int(info.get('max_steps') or 500)}"
+        what = "the val metric was still improving at the last boosting round"
     else:
         steps = int(info.get("max_steps") or info.get("steps_run") or 0)
         fix = f"--set max_steps={2 * steps} (or a larger --epochs)"

@@ -96,6 +96,7 @@ class LightGBMHead:
         self.task = task
         self.booster: Any = None
         self.best_iteration: int | None = None
+        self.fit_info: dict[str, Any] = {}
 
     # -- data ------------------------------------------------------------------------------
 
@@ -139,6 +140,11 @@ class LightGBMHead:
                                  valid_names=["train", "val"], callbacks=callbacks)
         per_round = (time.perf_counter() - t0) / max(1, self.booster.current_iteration())
         self.best_iteration = int(self.booster.best_iteration or self.booster.current_iteration())
+        rounds = int(self.params["n_estimators"])
+        # converged: early stopping ended it before the last round (the val metric had stopped improving)
+        self.fit_info = {"converged": self.booster.current_iteration() < rounds or self.best_iteration < rounds,
+                         "steps_run": int(self.booster.current_iteration()), "max_steps": rounds,
+                         "best_step": self.best_iteration, "solver": "lightgbm"}
         metric = next(iter(evals.get("val", {})), None)
         history = []
         if metric is not None:
