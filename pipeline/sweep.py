@@ -614,9 +614,9 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
     from pipeline import train as T
     from pipeline.registry import HEADS
 
-    if len(configs) < 2:
-        return "a group of one", None
     family = HEADS.get(configs[0].arch)
+    if len(configs) < 2 and family.kind == "torch":
+        return "a group of one", None
     if family.kind != "torch":
         # e.g. `linear`: one full-batch L-BFGS solve per L2 strength, no SGD steps for vmap to batch
         return f"{family.name} fits itself ({'full-batch L-BFGS / closed form' if family.name == 'linear' else 'not by SGD steps'}), not by the SGD loop", None

@@ -164,8 +164,8 @@ def test_binary_probe_is_sklearn_binary_logistic_with_class_weights_and_nan_targ
     z = _standardised(np.where(np.isnan(y)[:, None], np.nan, x), np.where(keep, 0, 9))
     sk = LogisticRegression(C=0.3, class_weight="balanced", tol=1e-10, max_iter=10000).fit(z[keep], y[keep])
     w = r.head.state["weight"].numpy()[:, 0]
-    np.testing.assert_allclose(w, sk.coef_[0], rtol=1e-4, atol=1e-5)
-    assert r.head.state["bias"].item() == pytest.approx(sk.intercept_[0], abs=1e-5)
+    np.testing.assert_allclose(w, sk.coef_[0], rtol=1e-3, atol=1e-4)
+    assert r.head.state["bias"].item() == pytest.approx(sk.intercept_[0], abs=1e-4)
 
 
 def test_too_small_budget_is_not_converged_and_the_cli_warns(tmp_path):
@@ -199,7 +199,7 @@ def test_sweep_trains_the_probe_in_turn_and_says_why(tmp_path):
     from pipeline.sweep import SweepSpec, run_sweep
 
     path = sc(tmp_path / "cache", task="classify", n=300, seed=2)
-    spec = SweepSpec(name="probe", device="cpu", grids=({"arch": ("linear",), "C": (0.1, 1.0)},))
+    spec = SweepSpec(name="probe", device="cpu", seeds=(0, 1), grids=({"arch": ("linear",), "C": (0.1,)},))
     result = run_sweep(cache_refs=[str(path)], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs",
                        strategy="stacked")
     (group,) = result.groups
