@@ -1,6 +1,6 @@
 """A K-configuration sweep in one process vs K separate `ftpipe train-head` runs vs the old way.
 
-    python benchmarks/sweep.py                 # K = 12 (linear, mlp2, mlp3 x 4 learning rates), 20 epochs, 4000 samples
+    python benchmarks/sweep.py                 # K = 12 (linear-sgd, mlp2, mlp3 x 4 lrs), 20 epochs, 4000 samples
     python benchmarks/sweep.py --quick         # smaller data, for a quick check
 
 One run, side by side, on one synthetic cache (a frozen 4-layer transformer's mean-pooled output):
@@ -14,7 +14,6 @@ One run, side by side, on one synthetic cache (a frozen 4-layer transformer's me
 4. End to end: (3) against (1) plus the one extraction (target >= 100x), and where the sweep's time
    goes per configuration: inside the training steps (``step_seconds`` of each run record, measured by
    ``pipeline.loop``), in evaluations, and everything else (start-up, cache load, final metrics, records).
-`linear` is the L-BFGS probe: its lr axis does not apply (4 identical probes; it has no train steps).
 With `--strategies`, the sweep is also timed with `--strategy in-turn` and `--strategy stacked`.
 Each variant writes into its own runs folder, so no run is skipped as already recorded.
 """
@@ -38,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("benchmarks.sweep")
 
-ARCHS = ("linear", "mlp2", "mlp3")
+# linear-sgd, not the L-BFGS `linear` probe: the comparison is of SGD epochs (the probe has no lr axis or epochs)
+ARCHS = ("linear-sgd", "mlp2", "mlp3")
 LRS = (1e-3, 3e-4, 1e-4, 3e-5)
 
 

@@ -474,10 +474,17 @@ class FitResult:
 
 
 def evaluate(*, head: "Head", features: FeatureSet, target: str,
-             splits: Iterable[str] = ("train", "val", "test")) -> tuple[dict, dict]:
-    """Metrics per split (splits that exist and are non-empty) and predictions per split."""
+             splits: Iterable[str] = ("train", "val", "test"), light: Iterable[str] = ("train",)) -> tuple[dict, dict]:
+    """Metrics per split (splits that exist and are non-empty) and predictions per split.
+
+    ``light`` splits get only the per-evaluation metrics (auroc + accuracy, or mse + mae + r2, and n): train
+    figures only tell under- from over-fitting, and the full scikit-learn set on the train rows cost more than
+    a small head's training (measured in benchmarks/sweep.py)."""
+    import numpy as np
+
     from pipeline import metrics as M
 
+    light = tuple(light)
     metrics, preds = {}, {}
     for split in splits:
         if not features.has_rows(split):
@@ -485,7 +492,11 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
         rows = features.rows(split)
         pred = head.predict(features=features, rows=rows)
         y = features.targets[target].index_select(0, rows).cpu().numpy()
-        metrics[split] = M.compute(task=head.task, y=y, pred=pred)
+        if split in light:
+            yf, _ = M._flatten(head.task, np.asarray(y), np.asarray(pred))
+            metrics[split] = {**M.epoch_metrics(task=head.task, y=y, pred=pred), "n": float(len(yf))}
+        else:
+            metrics[split] = M.compute(task=head.task, y=y, pred=pred)
         preds[split] = {"rows": rows.cpu().numpy(), "target": y, "prediction": pred}
     return metrics, preds
 
