@@ -88,12 +88,14 @@ class ExtractConfig:
     split_seed: int = 0  # seed of the split_ratios assignment (recorded in the key)
     shard_rows: int | None = None  # rows per shard file; None = unsharded chunks (faster on a local disk)
     trust_checkpoint: bool = False  # allow pickled objects in torch.load (only for checkpoints you trust)
+    nonfinite: str = "error"  # NaN/inf in a backbone output: error (stop, name the samples) | mask (see README)
 
     def __post_init__(self) -> None:
         _check_positive("batch_size", self.batch_size)
         _check_positive("num_workers", self.num_workers, allow_zero=True)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, FLOAT_DTYPES)
+        _check_choice("nonfinite", self.nonfinite, ("error", "mask"))
         if self.split_ratios is not None:
             if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:
                 raise ConfigError(f"split_ratios must be three non-negative numbers summing to 1 (train,val,test); got {self.split_ratios}")
@@ -129,6 +131,10 @@ class TrainConfig:
             _check_choice("task", self.task, TASKS)
         if self.select_split == "test":
             raise ConfigError("select_split is 'test': heads are selected on val, test is only reported; use val")
+
+
+# TrainConfig fields that `--set key=value` may name on `train-head` as on `sweep` (the rest are head params)
+TRAIN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("arch", "params"))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.config import TrainConfig, resolve_device, to_dict
-from pipeline.errors import TrainError
+from pipeline.errors import ConfigError, TrainError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -338,7 +338,12 @@ def build_head(*, config: TrainConfig, features: FeatureSet, task: "Task") -> "H
     net, _ = family.resolve_params(config.params)
     inputs = tuple(family.inputs(net, tuple(a for a in features.available if not a.startswith("targets/"))))
     torch.manual_seed(config.seed)
-    head = family.build(params=net, shapes=features.shapes(inputs), task=task)
+    try:
+        head = family.build(params=net, shapes=features.shapes(inputs), task=task)
+    except (ValueError, TypeError) as exc:  # e.g. --set dropout=abc: a param of the wrong type reaches torch
+        given = ", ".join(f"{k}={v!r}" for k, v in config.params.items()) or "defaults"
+        raise ConfigError(f"head {config.arch!r} cannot be built with {given} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the --set values") from None
     module = getattr(head, "module", None)
     if module is not None:
         module.to(features.device)
@@ -684,12 +689,16 @@ def _json_float(x: Any) -> Any:
 
 
 def run_train_head(*, cache_ref: str, cache_root: Path | None, config: TrainConfig, runs_dir: Path,
-                   progress: bool = False, sweep_id: str | None = None) -> RunResult:
-    """``ftpipe train-head``: open a complete cache, load what the head needs, fit, evaluate, record."""
+                   progress: bool = False, sweep_id: str | None = None, verify: bool = True) -> RunResult:
+    """``ftpipe train-head``: open a complete cache, load what the head needs, fit, evaluate, record.
+
+    ``verify``: check the loaded arrays against the cache's unit checksums (``--trust-cache`` turns it off)."""
     from cache.reader import open_cache
+    from pipeline.preflight import ensure_writable_dir
     from pipeline.registry import HEADS
 
-    cache = open_cache(cache_ref, root=cache_root)
+    ensure_writable_dir(runs_dir, what="runs dir", fix="pass --runs-dir DIR to a folder you can write to")
+    cache = open_cache(cache_ref, root=cache_root, verify=verify)
     available = tuple(s.name for s in cache.arrays())
     target = resolve_target(config=config, available=available)
     inputs = head_inputs(config=config, available=available)
