@@ -87,7 +87,7 @@ def parse_axis(raw: str) -> tuple[Any, ...]:
     values = []
     for part in _split_top_level(raw):
         try:
-            values.append(_coerce(yaml.safe_load(part)))
+            values.append(_coerce(cfg.yaml_load(part)))
         except yaml.YAMLError:
             values.append(part)
     if not values:
