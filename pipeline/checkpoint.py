@@ -176,9 +176,10 @@ def _unpickling_error(path: Path, exc: Exception, *, trust: bool) -> CheckpointE
         return CheckpointError(f"checkpoint {path} is truncated or corrupted; copy or save it again")
     # torch's text ends with its own advice to re-run with weights_only=False: never pass that on
     log.debug("torch.load(%s) failed: %s", path, text)
-    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    if reason and not trust:
-        why = re.sub(r"\s*Re-running.*|\s*Check the documentation.*", "", reason.group(1)).strip().rstrip(".")
+    reason = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, flags=re.S)
+    why = " ".join(reason.group(1).split()).rstrip(".") if reason else ""
+    # an object safe loading will not build is a refusal; an unknown opcode or an empty reason is just bad bytes
+    if why and not trust and re.search(r"global|class|reduce|build|persistent|object", why, flags=re.I):
         return CheckpointError(f"checkpoint {path} holds data that safe loading (weights_only) refuses ({why[:160]}); "
                                "re-save only its state_dict (or use safetensors), or pass --trust-checkpoint if you "
                                "trust the file")
