@@ -83,6 +83,18 @@ _REPAIR = ("run the ftpipe extract command that made it again (it re-extracts on
            "or see `ftpipe cache verify {key}`")
 
 
+def _hash_units(data: np.ndarray, spans: list[tuple[int, int]]) -> list[str]:
+    import os
+
+    workers = min(len(spans), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [L.sha256_of(data[lo:hi]) for lo, hi in spans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftpipe-cache-verify") as pool:
+        return list(pool.map(lambda s: L.sha256_of(data[s[0] : s[1]]), spans))
+
+
 def _rel(p: Path, store: Path) -> str:
     try:
         return Path(p).relative_to(store).as_posix()
@@ -261,8 +273,10 @@ class CacheReader:
         if data is None:
             data = np.asarray(z[a:b])
         if self.verify:
-            for u_lo, u_hi, uid, digest in units:
-                if L.sha256_of(data[u_lo - a : u_hi - a]) != digest:
+            # sha256 releases the GIL: units hash in parallel where there are cores for it
+            digests = _hash_units(data, [(u_lo - a, u_hi - a) for u_lo, u_hi, _, _ in units])
+            for (u_lo, u_hi, uid, digest), got in zip(units, digests):
+                if got != digest:
                     raise CacheDamagedError(
                         f"cache {self.path.name} is damaged: {self._unit_name((u_lo, u_hi, uid, digest))}: array "
                         f"{spec.name} does not match its checksum (stored rows {u_lo}-{u_hi - 1} changed on disk "
