@@ -347,9 +347,11 @@ def load_verified(module: Any, checkpoint: Checkpoint, *, rules: Any, extra_drop
         prefix_fix = _prefix_fix(missing, [k for k in mapped if k not in targets]) if missing and unexpected else None
         if prefix_fix:
             fix.append(prefix_fix)
-        if missing or mismatched:
+            if mismatched:
+                fix.append("match init_args to the checkpoint's")
+        elif missing or mismatched:
             fix.append("use the checkpoint the backbone was trained to / match init_args")
-        if unexpected:
+        if unexpected and not prefix_fix:
             fix.append("drop head keys with backbone.drop_keys or map names with backbone.renames")
         where = checkpoint.path or "checkpoint"
         raise CheckpointError(f"{where} does not fit {name}: {', '.join(parts)}; {' or '.join(fix)}")

@@ -338,6 +338,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
             log.warning("cache %s is damaged (%s); re-extracting %d damaged unit(s)", path,
                         "; ".join(check.problems[:3]), len(check.bad_units))
             reopen_units(path, check.bad_units)
+            meta = read_meta(path)
         log.info("resuming cache %s (status %s)", path, meta["status"])
 
     device = resolve_device(config.device)
