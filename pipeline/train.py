@@ -166,7 +166,8 @@ def _check_finite(name: str, a: Any) -> None:
         if bool(bad.any()):
             n_bad = int(bad.reshape(t.shape[0], -1).any(dim=1).sum()) if t.dim() else 1
             raise TrainError(f"cached array {name!r} has NaN/inf in {n_bad} of {t.shape[0]} rows; features must be "
-                             f"finite (check the backbone's outputs or re-extract in float32)")
+                             "finite (extraction now refuses them: extract this cache again with --force, fixing the "
+                             "input data or with --nonfinite mask)")
 
 
 def memory_budget_bytes(*, device: "torch.device", budget_gb: float | None) -> int:

@@ -410,3 +410,18 @@ def test_resume_removes_temporary_files_of_killed_writes(tmp_path, made):
     again = _extract_in_process(config, ckpt, tmp_path / "cache")
     assert again.status == "complete" and again.samples_run == UNIT_ROWS
     assert [p for p in store.rglob(".*")] == []
+
+
+def test_an_exception_in_the_users_forward_is_one_line(tmp_path, made):
+    _, ckpt, _ = made
+    _user_module(tmp_path, "broken_forward_i12", """
+        import extract_fixtures
+
+        class Net(extract_fixtures.TinyNet):
+            def forward(self, x):
+                raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (10x6 and 7x16)")
+    """)
+    config = _module_config(tmp_path, "broken_forward_i12.Net")
+    line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "cache"))
+    assert "backbone.class_path 'broken_forward_i12.Net': forward(x (2, 5, 6)) failed: RuntimeError: mat1" in line, line
+    assert "complete" not in _statuses(tmp_path / "cache")

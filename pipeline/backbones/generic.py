@@ -166,6 +166,11 @@ def class_source_record(cls: Any) -> dict[str, Any] | None:
     if not first or not str(first).endswith(".py"):
         return None
     root = Path(first).resolve().parent
+    names_by_file: dict[Path, str] = {}  # one resolve per loaded module, not one per module per file visited
+    for name, m in list(sys.modules.items()):
+        f = getattr(m, "__file__", None)
+        if f and str(f).endswith(".py"):
+            names_by_file.setdefault(Path(f).resolve(), name)
     files: dict[str, Path] = {}
     todo = [Path(first).resolve()]
     while todo and len(files) < 200:  # bounded: a user's model package, not a library
@@ -174,7 +179,7 @@ def class_source_record(cls: Any) -> dict[str, Any] | None:
         if rel in files:
             continue
         files[rel] = f
-        for name in _imported_modules(f, mod_name=_module_name_of(f)):
+        for name in _imported_modules(f, mod_name=names_by_file.get(f)):
             other = getattr(sys.modules.get(name), "__file__", None)
             if other and str(other).endswith(".py"):
                 p = Path(other).resolve()
@@ -187,12 +192,6 @@ def class_source_record(cls: Any) -> dict[str, Any] | None:
     return {"sha256": h.hexdigest(), "files": sorted(files)}
 
 
-def _module_name_of(path: Path) -> str | None:
-    for name, m in list(sys.modules.items()):
-        f = getattr(m, "__file__", None)
-        if f and Path(f).resolve() == path:
-            return name
-    return None
 
 
 def _imported_modules(path: Path, *, mod_name: str | None) -> list[str]:
@@ -333,7 +332,13 @@ class GenericBackbone:
         args = [batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
                 for k in self.input_keys]
         self._captured.clear()
-        result = self.module(*args)
+        try:
+            result = self.module(*args)
+        except Exception as exc:  # the user's forward: one line naming it and what it was given (-v: traceback)
+            given = ", ".join(f"{k} {tuple(a.shape)}" if hasattr(a, "shape") else k for k, a in zip(self.input_keys, args))
+            raise ConfigError(f"backbone.class_path {self.config.class_path!r}: forward({given}) failed: "
+                              f"{_exc_line(exc)}; check data.inputs and init_args against what the model expects "
+                              "(ftpipe -v extract ... shows the traceback)") from exc
         out: dict[str, Any] = {}
         for tap in self.taps:
             raw = result if not tap.module_path else self._captured.get(tap.module_path)
