@@ -579,19 +579,25 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
             mine.append((trial, rid))
         return mine
 
+    def recorded_and_released(run: Any) -> None:
+        on_recorded(run)
+        lock = claims.pop(run.run_id, None)
+        if lock is not None:  # a sweep waiting for this run sees its results row at once
+            lock.release()
+
     try:
         groups: dict[str, list[tuple[Trial, str]]] = {}
         for trial, rid in claim(plan.todo, wait=False):
             groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
         _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
-                      strategy=strategy, sweep_id=sweep_id, record=record, on_recorded=on_recorded)
+                      strategy=strategy, sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
         if deferred:
             later, deferred[:] = list(deferred), []
             groups = {}
             for trial, rid in claim(later, wait=True):  # their holder finished (or died): redo what is missing
                 groups.setdefault(f"deferred {rid}", []).append((trial, rid))
             _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
-                          strategy="in-turn", sweep_id=sweep_id, record=record, on_recorded=on_recorded)
+                          strategy="in-turn", sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
     finally:
         for lock in claims.values():
             lock.release()

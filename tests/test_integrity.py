@@ -425,3 +425,17 @@ def test_an_exception_in_the_users_forward_is_one_line(tmp_path, made):
     line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "cache"))
     assert "backbone.class_path 'broken_forward_i12.Net': forward(x (2, 5, 6)) failed: RuntimeError: mat1" in line, line
     assert "complete" not in _statuses(tmp_path / "cache")
+
+
+def test_corrupt_parquet_is_one_line(tmp_path):
+    from pipeline.data import generate
+
+    data = generate(kind="tracks", out=tmp_path / "tracks.parquet", n=20, seed=0)
+    raw = bytearray(data.read_bytes())
+    raw[-6] ^= 0xFF  # the footer length: the file no longer parses
+    data.write_bytes(bytes(raw))
+    ckpt = tmp_path / "some.ckpt"
+    ckpt.write_bytes(b"x")
+    line = _one_line(_cli("extract", "--checkpoint", ckpt, "--backbone", "maskformer", "--data", data,
+                          "--cache-root", tmp_path / "cache"))
+    assert "the Parquet data cannot be read, a file is damaged or not Parquet" in line and "tracks.parquet" in line, line

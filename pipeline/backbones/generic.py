@@ -124,8 +124,8 @@ def coerce_init_args(cls: Any, args: dict[str, Any]) -> dict[str, Any]:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # unresolvable string annotations, builtins without signatures: leave the args alone
         hints = {}
-    if not hints:
-        try:  # dataclass-style classes annotate fields, not __init__
+    if not hints and dataclasses.is_dataclass(cls):
+        try:  # dataclass fields (a strict config dataclass): their annotations are the constructor's
             hints = typing.get_type_hints(cls)
         except Exception:
             hints = {}
