@@ -240,7 +240,7 @@ def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: di
             raise ConfigError(f"{s.name}: backbone {backbone} returned shape {tuple(t.shape)} for samples "
                               f"{start}-{stop - 1}, expected {want} (output shapes must not change between batches; "
                               "pool variable-length outputs or pad them to a fixed length)")
-        if t.is_floating_point():
+        if t.is_floating_point() and not s.name.startswith("targets/"):  # a NaN target means "missing"
             bad = _nonfinite_samples(t, spec=s, lengths=lengths, start=start, stop=stop)
             if bad.size:
                 ids = sample_ids[start + bad] if sample_ids is not None else start + bad
