@@ -36,8 +36,16 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except _user_errors() as exc:
-            click.echo(f"error: {exc}", err=True)
+            if (ctx.obj or {}).get("verbose", 0) > 0 and exc.__cause__ is not None:
+                import traceback  # -v: the user's own exception behind the one line (e.g. their module's)
+
+                traceback.print_exception(exc.__cause__, file=sys.stderr)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             ctx.exit(2)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")).strip()
 
 
 def _cache_root(cache_root: str | None) -> Path:
@@ -64,6 +72,10 @@ device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None, help="Compute device [default: auto]."
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout as the last line.")
+trust_cache_option = click.option(
+    "--trust-cache", is_flag=True,
+    help="Skip the sha256 check of the cached arrays a head loads (missing or wrong-size chunk files are still "
+         "errors); for caches verified elsewhere, e.g. with `ftpipe cache verify`.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,9 +106,14 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--force", is_flag=True, help="Discard an existing cache with the same key and extract again.")
 @click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another writer holds the cache.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in the checkpoint (only for files you trust).")
+@click.option("--verify", is_flag=True, help="Before reusing a complete cache, recompute its checksums "
+              "(always: commit records and chunk files checked); damaged units are re-extracted.")
+@click.option("--nonfinite", type=click.Choice(["error", "mask"]), default=None,
+              help="NaN/inf in a backbone output: error (default: stop, naming the samples) or mask (store 0, "
+                   "keep those samples out of every split).")
 @json_option
 def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num_workers, device, dtype,
-            split_ratios, force, no_wait, trust_checkpoint, as_json):
+            split_ratios, force, no_wait, trust_checkpoint, verify, nonfinite, as_json):
     """Phase one: run a frozen, verified backbone once and cache its outputs."""
     from pipeline import config as cfg
     from pipeline.errors import ConfigError
@@ -110,6 +127,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
         "device": device,
         "dtype": dtype,
         "trust_checkpoint": trust_checkpoint or None,
+        "nonfinite": nonfinite,
         "split_ratios": _parse_ratios(split_ratios),
     }
     if backbone:
@@ -129,6 +147,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
         wait=not no_wait,
         progress=not as_json and sys.stderr.isatty(),
         config_dir=Path(config_path).resolve().parent if config_path else None,
+        verify=verify,
     )
     if as_json:
         _emit_json(result.to_dict())
@@ -267,27 +286,28 @@ def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
 @device_option
 @cache_root_option
 @runs_dir_option
+@trust_cache_option
 @json_option
 def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, batch_size, seed, device,
-               cache_root, runs_dir, as_json):
+               cache_root, runs_dir, trust_cache, as_json):
     """Phase two: train a head from a complete cache and record the run.
 
     Budget: by default scaled to the data and stopped on a val plateau (README "Convergence");
     --epochs N trains N epochs' worth of steps evaluated once per epoch; --set max_steps=N sets steps.
+    --set takes head params and training options alike (--set lr=3e-4 is --lr 3e-4), as in `ftpipe sweep`.
     """
-    import dataclasses
-
     from pipeline import config as cfg
     from pipeline.train import run_train_head
 
     overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
                  "batch_size": batch_size, "seed": seed, "device": device}
     if sets:
-        # TrainConfig keys (max_steps, eval_every, patience, ...) go to the trainer, as in `ftpipe sweep`
-        parsed = cfg.parse_set_options(sets)
-        train_keys = {f.name for f in dataclasses.fields(cfg.TrainConfig)} - {"params", "arch"}
-        overrides.update({k: v for k, v in parsed.items() if k in train_keys})
-        params = {k: v for k, v in parsed.items() if k not in train_keys}
+        params = cfg.parse_set_options(sets)
+        # training options on --set go to the trainer (one spelling across train-head and sweep)
+        for key in [k for k in params if k in cfg.TRAIN_OPTION_NAMES]:
+            if overrides.get(key) is not None:
+                raise cfg.ConfigError(f"--set {key}=... and --{key.replace('_', '-')} both given; use one")
+            overrides[key] = params.pop(key)
         if params:
             overrides["params"] = params
     config = cfg.load(cfg.TrainConfig, yaml_path=config_path, overrides=overrides)
@@ -297,6 +317,7 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
         config=config,
         runs_dir=Path(runs_dir),
         progress=not as_json and sys.stderr.isatty(),
+        verify=not trust_cache,
     )
     if result.convergence_warning():  # before the result, so the result stays the last line
         click.echo(result.convergence_warning(), err=True)
@@ -335,9 +356,10 @@ def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
 @device_option
 @cache_root_option
 @runs_dir_option
+@trust_cache_option
 @json_option
 def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, device, cache_root,
-          runs_dir, as_json):
+          runs_dir, trust_cache, as_json):
     """Train a grid of heads over one or more caches, loading each cache once.
 
     Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
@@ -354,6 +376,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
         runs_dir=Path(runs_dir),
         strategy=strategy,
         progress=not as_json and sys.stderr.isatty(),
+        verify=not trust_cache,
     )
     if result.warning:  # before the result, so the result stays the last line
         click.echo(result.warning, err=True)

@@ -9,6 +9,8 @@ Ratios (higher is better for ftpipe):
   (re-reading every unit to verify its checksum before marking complete) is timed separately.
 - read: ``CacheReader.load_numpy`` of the whole array vs ``np.load`` of the same bytes in one .npy
   (target >= 0.5x). Both read from the page cache (the files were just written).
+- integrity on load: the default read (every unit's sha256 checked against its commit record) vs
+  ``verify=False`` (``--trust-cache``: only chunk files present and of the right size), side by side.
 Also printed: sharded vs unsharded and zstd-compressed vs uncompressed (write, read, ratio, files).
 Each timing is the best of ``--repeat`` runs, since this machine is shared.
 """
@@ -131,6 +133,10 @@ def bench_layout(label: str, schema: CacheSchema, dense: dict[str, np.ndarray], 
         np.save(npy, x)
         t_read, t_np = best_pair(lambda: reader.load_numpy(name), lambda: np.load(npy), repeat)
         t_read_rows = best(lambda: reader.load_numpy(name, rows=np.arange(n)), repeat) if ragged else float("nan")
+        # integrity on load: the default reader re-hashes every unit it reads; --trust-cache (verify=False)
+        # keeps only the cheap checks (chunk files present, right size)
+        trusting = open_cache(path, verify=False)
+        t_ver, t_nover = best_pair(lambda: reader.load_numpy(name), lambda: trusting.load_numpy(name), repeat)
         files, size = files_and_bytes(path)
         results[variant] = {"write": t_write, "final": t_final, "read": t_read, "one": t_one, "files": files}
         print(f"[{variant}] chunk rows {rows}, shard rows {shard}, unit rows {lay['unit_rows']} "
@@ -143,6 +149,8 @@ def bench_layout(label: str, schema: CacheSchema, dense: dict[str, np.ndarray], 
               f"({mb / t_np:.0f} MB/s): ratio {t_np / t_read:.2f}x (target >= 0.5)")
         if ragged:
             print(f"         load_numpy(rows=all) (compact gather) {t_read_rows:.3f}s: ratio {t_np / t_read_rows:.2f}x")
+        print(f"  verify checksums on load {t_ver:.3f}s vs --trust-cache {t_nover:.3f}s: the check costs "
+              f"{t_ver / t_nover:.2f}x the read ({(t_ver - t_nover) / mb * 1e3:.1f} ms per MB)")
         shutil.rmtree(one, ignore_errors=True)
     u, s = results["unsharded"], results["sharded"]
     print(f"[sharded vs unsharded] write {u['write'] / s['write']:.2f}x, read {u['read'] / s['read']:.2f}x "

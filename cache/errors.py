@@ -8,3 +8,7 @@ class CacheIncompleteError(CacheError):
 
 class CacheLockedError(CacheError):
     """Another writer holds the cache and --no-wait was given."""
+
+
+class CacheDamagedError(CacheError):
+    """A complete cache's data on disk is not what was committed (a missing, short or changed chunk)."""

@@ -64,20 +64,22 @@ def _hash_tree(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stat_part(st: os.stat_result) -> str:
+    # inode and ctime too: a file overwritten in place with the same size and its old mtime restored
+    # (cp -p, rsync -t, os.utime) gets a new ctime, a replaced one a new inode, so it is always re-hashed
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
 def _stat_signature(path: Path) -> str:
-    """What the checkpoint memo is keyed on: resolved path, size and mtime (of every file in a dir)."""
+    """What the checkpoint memo is keyed on: resolved path, size, mtime, inode and ctime (of every file in a dir)."""
     if path.is_dir():
-        parts = [
-            f"{p.relative_to(path).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-            for p in sorted(path.rglob("*")) if p.is_file()
-        ]
+        parts = [f"{p.relative_to(path).as_posix()}:{_stat_part(p.stat())}" for p in sorted(path.rglob("*")) if p.is_file()]
         return f"{path}|dir|" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    st = path.stat()
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path}|{_stat_part(path.stat())}"
 
 
 def checkpoint_digest(path: Path, *, memo_dir: Path | None = None) -> str:
-    """sha256 of a checkpoint's bytes, memoised by (resolved path, size, mtime_ns) in ``memo_dir``."""
+    """sha256 of a checkpoint's bytes, memoised by (resolved path, size, mtime, inode, ctime) in ``memo_dir``."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CacheError(f"checkpoint {path} does not exist")

@@ -21,6 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from cache.errors import CacheError
+
+
+class ChunkFileError(CacheError):
+    """A chunk file of a complete store is missing or has the wrong size (``strict`` reads)."""
+
+    def __init__(self, path: Path, problem: str, *, chunk: int, rows: tuple[int, int]) -> None:
+        super().__init__(f"chunk file {path} {problem}")
+        self.path, self.problem, self.chunk, self.rows = path, problem, chunk, rows
+
 
 def _raw_geometry(z: Any) -> tuple[Path, str, tuple[int, ...], tuple[int, ...], np.dtype] | None:
     """(chunk dir, key tail, chunk shape, shape, dtype) when the fast paths apply, else None."""
@@ -56,8 +66,12 @@ def _raw_geometry(z: Any) -> tuple[Path, str, tuple[int, ...], tuple[int, ...], 
     return base, tail, chunk_shape, shape, dtype
 
 
-def read_uncompressed_chunks(z: Any, lo: int, hi: int) -> np.ndarray | None:
-    """Rows [lo, hi) read straight from the chunk files into the output, or None (use zarr)."""
+def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False) -> np.ndarray | None:
+    """Rows [lo, hi) read straight from the chunk files into the output, or None (use zarr).
+
+    ``strict`` (stores whose units are all committed, where every chunk file was written): a missing
+    chunk file or one of the wrong size raises ``ChunkFileError`` instead of reading as the fill value.
+    """
     geo = _raw_geometry(z)
     if geo is None:
         return None
@@ -73,9 +87,16 @@ def read_uncompressed_chunks(z: Any, lo: int, hi: int) -> np.ndarray | None:
         path = base / str(i) / tail if tail else base / str(i)
         try:
             with open(path, "rb", buffering=0) as f:
+                if strict:
+                    size = os.fstat(f.fileno()).st_size
+                    if size != rows * row_bytes:
+                        raise ChunkFileError(path, f"has {size} bytes, not {rows * row_bytes}", chunk=i,
+                                             rows=(i * rows, (i + 1) * rows))
                 f.seek((a - i * rows) * row_bytes)
                 got = f.readinto(flat[dst : dst + want]) if flat is not None else 0
         except FileNotFoundError:
+            if strict:
+                raise ChunkFileError(path, "is missing", chunk=i, rows=(i * rows, (i + 1) * rows)) from None
             out[a - lo : b - lo] = z.fill_value  # never written: the fill value, as zarr would give
             continue
         if got != want:
@@ -121,3 +142,44 @@ def write_uncompressed_chunks(z: Any, lo: int, data: np.ndarray) -> bool:
                 pass
             raise
     return True
+
+
+def chunk_file_problems(z: Any, lo: int, hi: int) -> list[ChunkFileError]:
+    """Missing or wrong-size chunk files among those holding rows [lo, hi), without reading them
+    (a stat per file). Empty when the fast-path layout does not apply (zarr owns the files then)."""
+    geo = _raw_geometry(z)
+    if geo is None or hi <= lo:
+        return []
+    base, tail, chunk_shape, shape, dtype = geo
+    rows = chunk_shape[0]
+    want = rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = []
+    for i in range(lo // rows, (hi - 1) // rows + 1):
+        path = base / str(i) / tail if tail else base / str(i)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            out.append(ChunkFileError(path, "is missing", chunk=i, rows=(i * rows, (i + 1) * rows)))
+            continue
+        if size != want:
+            out.append(ChunkFileError(path, f"has {size} bytes, not {want}", chunk=i, rows=(i * rows, (i + 1) * rows)))
+    return out
+
+
+def remove_temporaries(store: Path) -> int:
+    """Delete the temporary files of writes that never reached their rename (a killed writer leaves
+    ``.<chunk>.<random>`` next to chunk files and ``.<record>.<random>.tmp`` next to commit records).
+
+    Only call it while no other process writes the store (the exclusive writer lock, or after every
+    unit is committed): a live writer's temporary file looks the same. Returns the number removed.
+    """
+    n = 0
+    for dirpath, _dirnames, filenames in os.walk(store):
+        for name in filenames:
+            if name.startswith(".") and not name.endswith(".lock"):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n

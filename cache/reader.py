@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cache import layout as L
-from cache.errors import CacheError, CacheIncompleteError, CacheLockedError
+from cache.errors import CacheDamagedError, CacheError, CacheIncompleteError, CacheLockedError
 from cache.key import default_cache_root
 from cache.lock import StoreLock
 from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
@@ -65,9 +65,11 @@ def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     return candidates[0]
 
 
-def open_cache(ref: str | Path, *, root: Path | None = None, require_complete: bool = True) -> "CacheReader":
+def open_cache(ref: str | Path, *, root: Path | None = None, require_complete: bool = True,
+               verify: bool = True) -> "CacheReader":
+    """``verify``: check what is loaded from a complete cache against its unit checksums (see CacheReader)."""
     path = resolve_cache(ref, root=root)
-    reader = CacheReader(path)
+    reader = CacheReader(path, verify=verify)
     if require_complete and reader.status != "complete":
         committed = len(L.read_records(path))
         raise CacheIncompleteError(
@@ -75,6 +77,29 @@ def open_cache(ref: str | Path, *, root: Path | None = None, require_complete: b
             "rerun the same ftpipe extract command to resume and finish it"
         )
     return reader
+
+
+_REPAIR = ("run the ftpipe extract command that made it again (it re-extracts only the damaged units), "
+           "or see `ftpipe cache verify {key}`")
+
+
+def _hash_units(data: np.ndarray, spans: list[tuple[int, int]]) -> list[str]:
+    import os
+
+    workers = min(len(spans), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [L.sha256_of(data[lo:hi]) for lo, hi in spans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftpipe-cache-verify") as pool:
+        return list(pool.map(lambda s: L.sha256_of(data[s[0] : s[1]]), spans))
+
+
+def _rel(p: Path, store: Path) -> str:
+    try:
+        return Path(p).relative_to(store).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def _rows_array(rows: RowsLike) -> np.ndarray:
@@ -91,18 +116,27 @@ def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 class CacheReader:
-    """Read access to one cache store; see docs/CONTRACTS.md."""
+    """Read access to one cache store; see docs/CONTRACTS.md.
 
-    def __init__(self, path: Path) -> None:
+    Integrity on every read of a ``complete`` store: the rows loaded are read as whole units, a chunk
+    file that is missing or of the wrong size is a ``CacheDamagedError`` naming the unit and the array
+    (never the fill value), and with ``verify=True`` (the default) each unit's bytes are compared with
+    the sha256 of its commit record. ``verify=False`` skips only the checksums (measured in
+    benchmarks/cache_io.py), for caches verified elsewhere.
+    """
+
+    def __init__(self, path: Path, *, verify: bool = True) -> None:
         import zarr
 
         self.path = Path(path)
+        self.verify = verify
         self.attrs: dict[str, Any] = _read_meta(self.path)
         self._group = zarr.open_group(str(self.path), mode="r")
         self._specs = [ArraySpec.from_dict(d) for d in self.attrs["schema"]["arrays"]]
         self._by_name = {s.name: s for s in self._specs}
         self._index_cache: dict[str, np.ndarray] = {}
         self._zarrays: dict[str, Any] = {}
+        self._extents: dict[str, list[tuple[int, int, int, str]]] | None = None
 
     def __repr__(self) -> str:
         return f"CacheReader({str(self.path)!r}, status={self.status!r}, n_samples={self.n_samples})"
@@ -153,7 +187,12 @@ class CacheReader:
 
     def _index(self, group: str) -> np.ndarray:
         if group not in self._index_cache:
-            self._index_cache[group] = np.asarray(self._group[f"{group}/index"][:], dtype=np.int64)
+            index = np.asarray(self._group[f"{group}/index"][:], dtype=np.int64)
+            want = self.attrs["layout"]["ragged"].get(group, {}).get("index_sha256")
+            if self.verify and self.status == "complete" and want and L.sha256_of(index) != want:
+                raise CacheDamagedError(f"cache {self.path.name} is damaged: {group}/index does not match its checksum; "
+                                        f"remove it (`ftpipe cache rm {self.key[:16]}`) and extract again")
+            self._index_cache[group] = index
         return self._index_cache[group]
 
     def index(self, group: str) -> np.ndarray:
@@ -187,6 +226,8 @@ class CacheReader:
         z = self._zarray(spec.name)
         if hi <= lo:
             data = np.empty((0, *spec.inner_shape), dtype=z.dtype)
+        elif self.status == "complete":
+            data = self._read_checked(spec, z, lo, hi)
         else:
             data = _read_uncompressed_chunks(z, lo, hi)
             if data is None:
@@ -194,6 +235,60 @@ class CacheReader:
         if spec.dtype == "bfloat16" and not raw:
             data = _bf16_bits_to_float32(data)  # numpy has no bfloat16; float32 holds it exactly
         return data
+
+    def _unit_extents(self) -> dict[str, list[tuple[int, int, int, str]]]:
+        """Per array: (stored rows lo, hi, unit id, sha256) of every committed unit, by lo."""
+        if self._extents is None:
+            records = L.read_records(self.path)
+            missing = [i for i in range(self.n_units) if i not in records]
+            if missing:
+                raise CacheDamagedError(
+                    f"cache {self.path} is marked complete but unit(s) {missing[:5]} have no commit record; "
+                    f"{_REPAIR.format(key=self.key[:16])}")
+            ext: dict[str, list[tuple[int, int, int, str]]] = {s.name: [] for s in self._specs}
+            for uid in sorted(records):
+                for name, entry in records[uid].get("arrays", {}).items():
+                    if name in ext:
+                        lo, hi = entry["rows"]
+                        ext[name].append((int(lo), int(hi), uid, str(entry["sha256"])))
+            for v in ext.values():
+                v.sort()
+            self._extents = ext
+        return self._extents
+
+    def _read_checked(self, spec: ArraySpec, z: Any, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of a complete store, read as the whole units that hold them and checked."""
+        from cache.rawio import ChunkFileError
+
+        units = [e for e in self._unit_extents()[spec.name] if e[1] > lo and e[0] < hi]
+        a = min([lo] + [e[0] for e in units])
+        b = max([hi] + [e[1] for e in units])
+        try:
+            data = _read_uncompressed_chunks(z, a, b, strict=True)
+        except ChunkFileError as exc:
+            bad = next((e for e in units if e[0] < exc.rows[1] and e[1] > exc.rows[0]), None)
+            raise CacheDamagedError(
+                f"cache {self.path.name} is damaged: {self._unit_name(bad)}: array {spec.name}: chunk file "
+                f"{_rel(exc.path, self.path)} {exc.problem}; {_REPAIR.format(key=self.key[:16])}") from None
+        if data is None:
+            data = np.asarray(z[a:b])
+        if self.verify:
+            # sha256 releases the GIL: units hash in parallel where there are cores for it
+            digests = _hash_units(data, [(u_lo - a, u_hi - a) for u_lo, u_hi, _, _ in units])
+            for (u_lo, u_hi, uid, digest), got in zip(units, digests):
+                if got != digest:
+                    raise CacheDamagedError(
+                        f"cache {self.path.name} is damaged: {self._unit_name((u_lo, u_hi, uid, digest))}: array "
+                        f"{spec.name} does not match its checksum (stored rows {u_lo}-{u_hi - 1} changed on disk "
+                        f"after extraction); {_REPAIR.format(key=self.key[:16])}")
+        return data[lo - a : hi - a]
+
+    def _unit_name(self, extent: tuple[int, int, int, str] | None) -> str:
+        if extent is None:
+            return "a unit"
+        unit_rows = int(self.attrs["layout"]["unit_rows"])
+        uid = extent[2]
+        return str(L.Unit(uid, uid * unit_rows, min((uid + 1) * unit_rows, self.n_samples)))
 
     def load_numpy(self, name: str, rows: RowsLike = None) -> Any:
         """Dense: ``np.ndarray`` (rows in the order given). Ragged: ``(values, index)``.

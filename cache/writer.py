@@ -32,7 +32,7 @@ from cache.key import cache_path
 from cache.layout import Unit
 from cache.meta import _check_json, _ftpipe_version, _now, _open_group, read_meta, update_meta  # noqa: F401
 from cache.lock import StoreLock
-from cache.rawio import write_uncompressed_chunks
+from cache.rawio import remove_temporaries, write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def _existing(path: Path, key: str) -> Path:
     return path
 
 
+def _log_removed(path: Path, n: int) -> None:
+    if n:
+        log.info("removed %d temporary file(s) of interrupted writes from %s", n, path)
+
+
 class _UnitBuffer:
     """One unit's rows in numpy, in storage dtype, filled by batches in any order."""
 
@@ -206,6 +211,8 @@ class CacheWriter:
                 self._index[g] = index
                 self._extents[g] = L.unit_extents(index, self.units, int(info["total"]))
             self._committed = set(L.read_records(self.path))
+            if self.world_size == 1:  # the exclusive lock: no live writer's temporary file can be here
+                _log_removed(self.path, remove_temporaries(self.path))
             meta = read_meta(self.path)
             if meta["status"] != "complete":
                 self.meta = update_meta(self.path, status="writing")
@@ -389,6 +396,8 @@ class CacheWriter:
         if missing:
             log.info("cache %s: %d unit(s) not committed yet; not complete", self.path, len(missing))
             return False
+        # every unit is committed, so no writer is between a temporary file and its rename any more
+        _log_removed(self.path, remove_temporaries(self.path))
         meta = read_meta(self.path)
         if meta["status"] == "complete":
             return True

@@ -151,8 +151,11 @@ def _read_torch(path: Path, *, trust: bool) -> Checkpoint:
     except Exception as exc:  # the unpicklers raise anything (IndexError, KeyError, ...) on foreign bytes
         if "truncated" in str(exc) or isinstance(exc, EOFError):
             raise CheckpointError(f"checkpoint {path} is truncated or corrupted; copy or save it again") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(exc)}); expected a Lightning "
-                              ".ckpt, a torch.save'd state dict, safetensors or TorchScript") from None
+        # the unpickler's own text ("pop from empty list") says nothing to a user: name the file, not the internals
+        log.debug("torch.load(%s) failed: %s: %s", path, type(exc).__name__, exc)
+        raise CheckpointError(f"{path} is not a readable checkpoint (torch.load cannot parse its bytes: damaged, or "
+                              "not a checkpoint); expected a Lightning .ckpt, a torch.save'd state dict, "
+                              "safetensors or TorchScript") from None
     return _unwrap(obj, path)
 
 
@@ -171,8 +174,17 @@ def _unpickling_error(path: Path, exc: Exception, *, trust: bool) -> CheckpointE
             "package that defines it and pass --trust-checkpoint if you trust the file")
     if "truncated" in text:
         return CheckpointError(f"checkpoint {path} is truncated or corrupted; copy or save it again")
-    return CheckpointError(f"{path} is not a readable checkpoint ({_first_line(exc)}); expected a Lightning "
-                           ".ckpt, a torch.save'd state dict, safetensors or TorchScript")
+    # torch's text ends with its own advice to re-run with weights_only=False: never pass that on
+    log.debug("torch.load(%s) failed: %s", path, text)
+    reason = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, flags=re.S)
+    why = " ".join(reason.group(1).split()).rstrip(".") if reason else ""
+    # an object safe loading will not build is a refusal; an unknown opcode or an empty reason is just bad bytes
+    if why and not trust and re.search(r"global|class|reduce|build|persistent|object", why, flags=re.I):
+        return CheckpointError(f"checkpoint {path} holds data that safe loading (weights_only) refuses ({why[:160]}); "
+                               "re-save only its state_dict (or use safetensors), or pass --trust-checkpoint if you "
+                               "trust the file")
+    return CheckpointError(f"{path} is not a readable checkpoint (unpickling failed: damaged, or not a checkpoint); "
+                           "expected a Lightning .ckpt, a torch.save'd state dict, safetensors or TorchScript")
 
 
 def _importable(qualname: str) -> bool:
@@ -332,9 +344,14 @@ def load_verified(module: Any, checkpoint: Checkpoint, *, rules: Any, extra_drop
             parts.append(f"{len(mismatched)} shape mismatch(es) ({'; '.join(mismatched[:_SHOW - 1])}"
                          f"{'; ...' if len(mismatched) > _SHOW - 1 else ''})")
         fix = []
-        if missing or mismatched:
+        prefix_fix = _prefix_fix(missing, [k for k in mapped if k not in targets]) if missing and unexpected else None
+        if prefix_fix:
+            fix.append(prefix_fix)
+            if mismatched:
+                fix.append("match init_args to the checkpoint's")
+        elif missing or mismatched:
             fix.append("use the checkpoint the backbone was trained to / match init_args")
-        if unexpected:
+        if unexpected and not prefix_fix:
             fix.append("drop head keys with backbone.drop_keys or map names with backbone.renames")
         where = checkpoint.path or "checkpoint"
         raise CheckpointError(f"{where} does not fit {name}: {', '.join(parts)}; {' or '.join(fix)}")
@@ -343,6 +360,35 @@ def load_verified(module: Any, checkpoint: Checkpoint, *, rules: Any, extra_drop
     module.load_state_dict(mapped, strict=True)
     n_params = sum(p.numel() for p in module.parameters())
     return LoadReport(loaded=len(mapped), dropped=tuple(dropped), renamed=renamed, n_parameters=n_params)
+
+
+def _prefix_fix(missing: list[str], unexpected: list[str]) -> str | None:
+    """When the unexpected names are the missing ones under another leading prefix (``bert.encoder.w`` vs
+    ``encoder.w``), the backbone config entry that maps them; None when no single prefix change explains most."""
+    missing_set = set(missing)
+    best: tuple[int, str, str] | None = None
+    u0 = unexpected[0]
+    for m in missing:
+        # the longest common dotted suffix of u0 and m fixes one candidate rename old -> new
+        u_parts, m_parts = u0.split("."), m.split(".")
+        k = 0
+        while k < min(len(u_parts), len(m_parts)) and u_parts[-1 - k] == m_parts[-1 - k]:
+            k += 1
+        if k == 0:
+            continue
+        old = ".".join(u_parts[: len(u_parts) - k]) + ("." if len(u_parts) > k else "")
+        new = ".".join(m_parts[: len(m_parts) - k]) + ("." if len(m_parts) > k else "")
+        if old == new or (best is not None and (old, new) == best[1:]):
+            continue
+        hits = sum(1 for u in unexpected if u.startswith(old) and new + u[len(old):] in missing_set)
+        if best is None or hits > best[0]:
+            best = (hits, old, new)
+    if best is None or best[0] * 2 < min(len(missing), len(unexpected)):
+        return None
+    hits, old, new = best
+    if not new:
+        return f"{hits} names differ only by the leading {old!r}: add `strip_prefixes: [{old!r}]` to the backbone config"
+    return f"{hits} names differ only by a leading prefix: add `renames: {{{old!r}: {new!r}}}` to the backbone config"
 
 
 def freeze(module: Any) -> int:

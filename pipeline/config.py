@@ -88,12 +88,14 @@ class ExtractConfig:
     split_seed: int = 0  # seed of the split_ratios assignment (recorded in the key)
     shard_rows: int | None = None  # rows per shard file; None = unsharded chunks (faster on a local disk)
     trust_checkpoint: bool = False  # allow pickled objects in torch.load (only for checkpoints you trust)
+    nonfinite: str = "error"  # NaN/inf in a backbone output: error (stop, name the samples) | mask (see README)
 
     def __post_init__(self) -> None:
         _check_positive("batch_size", self.batch_size)
         _check_positive("num_workers", self.num_workers, allow_zero=True)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, FLOAT_DTYPES)
+        _check_choice("nonfinite", self.nonfinite, ("error", "mask"))
         if self.split_ratios is not None:
             if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:
                 raise ConfigError(f"split_ratios must be three non-negative numbers summing to 1 (train,val,test); got {self.split_ratios}")
@@ -137,6 +139,10 @@ class TrainConfig:
             raise ConfigError("select_split is 'test': heads are selected on val, test is only reported; use val")
 
 
+# TrainConfig fields that `--set key=value` may name on `train-head` as on `sweep` (the rest are head params)
+TRAIN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("arch", "params"))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data (for YAML/JSON next to every output)."""
     return dataclasses.asdict(config)
@@ -155,6 +161,41 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+_YAML_LOADER: Any = None
+
+
+def yaml_loader() -> Any:
+    """PyYAML's safe loader plus YAML 1.2's float syntax, the one loader for every YAML ftpipe reads.
+
+    PyYAML implements YAML 1.1, whose floats need a dot: ``1e-12`` and ``3e4`` are *strings* there but
+    floats in YAML 1.2 (and to every user). The extra resolver is appended after PyYAML's own, so ints
+    (``12``), YAML 1.1 floats and everything else resolve as before; only 1.2-style exponents change.
+    """
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        import re
+
+        import yaml
+
+        class Yaml12FloatLoader(yaml.SafeLoader):
+            pass
+
+        Yaml12FloatLoader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+            list("-+0123456789."),
+        )
+        _YAML_LOADER = Yaml12FloatLoader
+    return _YAML_LOADER
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (see ``yaml_loader``)."""
+    import yaml
+
+    return yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
@@ -162,7 +203,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -170,10 +211,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _unknown_key_error(cls: type, data: Mapping[str, Any], *, source: str, prefix: str = "") -> ConfigError | None:
+    """The first unknown key, named by its path (``backbone.tapz``) with the closest field (did you mean)."""
+    import difflib
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        hints = {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"{cls.__name__} takes: {', '.join(names)}"
+            return ConfigError(f"{source}: unknown key {prefix + str(key)!r}; {hint}")
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(data[key], Mapping):
+            err = _unknown_key_error(sub, data[key], source=source, prefix=f"{prefix}{key}.")
+            if err is not None:
+                return err
+    return None
+
+
 def build(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
-    """Map plain data onto a frozen config dataclass, strictly (unknown keys are errors)."""
+    """Map plain data onto a frozen config dataclass, strictly (unknown keys are errors, named by their path)."""
     import dacite
 
+    err = _unknown_key_error(cls, data, source=source)
+    if err is not None:
+        raise err
     try:
         return dacite.from_dict(cls, dict(data), config=dacite.Config(strict=True, cast=[tuple, float]))
     except dacite.UnexpectedDataError as exc:
@@ -215,7 +282,7 @@ def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set hidden=144")
         key, raw = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            out[key.strip()] = yaml_load(raw)
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out

@@ -78,9 +78,11 @@ def _arrays_info(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprint: str) -> dict[str, Any]:
+def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprint: str,
+               code: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that decides the bytes of the cache, and nothing that does not (batch size,
-    workers, device, storage layout, the trust flag, paths)."""
+    workers, device, storage layout, the trust flag, paths). ``code``: a class_path module's source
+    fingerprint (``pipeline.backbones.generic.class_source_record``)."""
     from cache.schema import SCHEMA_VERSION
 
     data = to_dict(config.data)
@@ -98,7 +100,22 @@ def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprin
         # the seed only matters for an explicit ratio split
         "split": {"ratios": config.split_ratios, "seed": config.split_seed if config.split_ratios else None},
     }
+    if code is not None:
+        record["code"] = code  # the user's model code: editing its forward must give a new cache
+    if config.nonfinite != "error":
+        record["nonfinite"] = config.nonfinite  # masking changes the stored bytes (and the split)
     return record
+
+
+def class_code_record(*, config: ExtractConfig, config_dir: Path | None) -> dict[str, Any] | None:
+    """The source fingerprint of a class_path backbone (None for built-in families: FAMILY_VERSION)."""
+    if not config.backbone.class_path:
+        return None
+    from pipeline.backbones.generic import class_source_record, import_class
+
+    search = tuple(d for d in (config_dir, Path.cwd()) if d is not None)
+    cls = import_class(config.backbone.class_path, search_dirs=search)
+    return class_source_record(cls)
 
 
 def _family_version(name: str | None) -> int | None:
@@ -175,9 +192,28 @@ def _torch_dtype(name: str) -> Any:
             "uint8": torch.uint8, "bool": torch.bool}[name]
 
 
+MASKED_SPLIT = 255  # split code of samples masked for non-finite outputs: in no split, so never trained or scored
+
+
+def _nonfinite_samples(t: Any, *, spec: Any, lengths: dict[str, np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Batch positions (0..B-1) of the samples with a NaN/inf anywhere in ``t`` (dense or flat ragged rows)."""
+    import torch
+
+    bad_rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).cpu().numpy() if t.ndim else np.zeros(0, bool)
+    if spec.ragged is None:
+        return np.flatnonzero(bad_rows)
+    owner = np.repeat(np.arange(stop - start), lengths[spec.ragged][start:stop])
+    return np.unique(owner[bad_rows])
+
+
 def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: dict[str, np.ndarray],
-                       start: int, stop: int, backbone: str) -> dict[str, Any]:
-    """Backbone outputs -> CPU arrays in storage dtype, after checking them against the plan."""
+                       start: int, stop: int, backbone: str, sample_ids: np.ndarray | None = None,
+                       nonfinite: str = "error", masked: set[int] | None = None) -> dict[str, Any]:
+    """Backbone outputs -> CPU arrays in storage dtype, after checking them against the plan.
+
+    Non-finite float outputs stop the run with a DataError naming the samples and the tap, or, with
+    ``nonfinite="mask"``, are stored as 0 and their batch positions added to ``masked``.
+    """
     import torch
 
     names = {s.name for s in specs}
@@ -204,6 +240,20 @@ def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: di
             raise ConfigError(f"{s.name}: backbone {backbone} returned shape {tuple(t.shape)} for samples "
                               f"{start}-{stop - 1}, expected {want} (output shapes must not change between batches; "
                               "pool variable-length outputs or pad them to a fixed length)")
+        if t.is_floating_point() and not s.name.startswith("targets/"):  # a NaN target means "missing"
+            bad = _nonfinite_samples(t, spec=s, lengths=lengths, start=start, stop=stop)
+            if bad.size:
+                ids = sample_ids[start + bad] if sample_ids is not None else start + bad
+                shown = ", ".join(str(int(i)) for i in ids[:8]) + (f", ... {len(ids) - 8} more" if len(ids) > 8 else "")
+                if nonfinite != "mask":
+                    raise DataError(f"backbone {backbone} produced NaN/inf in {s.name} for {len(ids)} sample(s) "
+                                    f"(sample_id {shown}); check those samples' input data (NaN in the input?), "
+                                    "or extract with --nonfinite mask to keep them out of every split")
+                log.warning("masked %d sample(s) with NaN/inf in %s (sample_id %s): stored as 0, in no split",
+                            len(ids), s.name, shown)
+                if masked is not None:
+                    masked.update(int(b) for b in bad)
+                t = torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         # cast on the device: float16 halves the bytes copied to the host
         cast = t.detach().to(_torch_dtype(s.dtype))
         if s.dtype == "float16" and t.is_floating_point() and bool((cast.isinf() & t.isfinite()).any()):
@@ -226,9 +276,11 @@ def _autocast(device: Any, dtype: str) -> Any:
 
 def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, force: bool = False, wait: bool = True,
                 progress: bool = True, rank: int = 0, world_size: int = 1, config_dir: Path | None = None,
-                unit_rows: int | None = None) -> ExtractResult:
+                unit_rows: int | None = None, verify: bool = False) -> ExtractResult:
     """Extract (or reuse, or resume) the cache for ``config`` + ``checkpoint``; see the module docstring.
 
+    ``verify``: before reusing a complete cache, recompute its checksums (else only the cheap check:
+    commit records, chunk files and their sizes); damaged units are re-extracted either way.
     ``config_dir``: the YAML's folder, where a ``class_path`` module is also looked for.
     ``unit_rows``: rows per resumable unit (default: the cache layout's choice, ~32 MiB).
     """
@@ -246,12 +298,16 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
         raise CheckpointError(f"checkpoint not found: {checkpoint}" if not checkpoint.exists() else
                               f"checkpoint {checkpoint} is not a file; pass the .ckpt/.pt/.safetensors file itself")
     cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    from pipeline.preflight import ensure_writable_dir
+
+    ensure_writable_dir(cache_root, what="cache root", fix="pass --cache-root DIR (or set FTPIPE_CACHE) to a folder "
+                        "you can write to")
 
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
     plan = source.plan()
     record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=cache_root),
-                        data_fingerprint=plan.fingerprint)
+                        data_fingerprint=plan.fingerprint,
+                        code=class_code_record(config=config, config_dir=Path(config_dir) if config_dir else None))
     key = make_key(record)
     path = cache_path(cache_root, key)
 
@@ -266,9 +322,23 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
         except CacheError as exc:
             raise CacheError(f"{exc}; the store for this key is damaged: pass --force to replace it") from None
         if meta["status"] == "complete":
-            log.info("cache %s is complete; reusing it without running the backbone", path)
-            return ExtractResult(key=key, path=path, status="complete", reused=True, n_samples=int(meta["n_samples"]),
-                                 arrays=_arrays_info(meta), seconds=time.perf_counter() - t_start)
+            from cache.verify import check_files, reopen_units, verify_cache
+
+            # never "reused" without looking: the cheap check (records, chunk files and sizes) always,
+            # the checksums with --verify; damaged units are re-extracted, the rest kept
+            check = verify_cache(path) if verify else check_files(path)
+            if check.ok:
+                log.info("cache %s is complete; reusing it without running the backbone", path)
+                return ExtractResult(key=key, path=path, status="complete", reused=True,
+                                     n_samples=int(meta["n_samples"]), arrays=_arrays_info(meta),
+                                     seconds=time.perf_counter() - t_start)
+            if not check.bad_units:
+                raise CacheError(f"cache {path} is damaged beyond its units ({'; '.join(check.problems[:2])}); "
+                                 "pass --force to extract it again")
+            log.warning("cache %s is damaged (%s); re-extracting %d damaged unit(s)", path,
+                        "; ".join(check.problems[:3]), len(check.bad_units))
+            reopen_units(path, check.bad_units)
+            meta = read_meta(path)
         log.info("resuming cache %s (status %s)", path, meta["status"])
 
     device = resolve_device(config.device)
@@ -351,15 +421,29 @@ def _run_batches(*, backbone: Any, name: str, source: Any, dataset: Any, plan: A
     engine_rows: dict[str, np.ndarray] = {"sample_id": plan.sample_id.astype(np.int64), "split": plan.split}
     engine_rows.update({f"targets/{k}": v.astype(np.float32) for k, v in plan.targets.items()})
     done = 0
+    masked_ids: list[int] = []
     total = sum(len(b) for b in batches)
     with tqdm(total=total, unit="sample", unit_scale=True, desc="extract", disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode(), _autocast(device, config.dtype):
         for idx, batch in zip(batches, loader):
             start, stop = idx[0], idx[-1] + 1
             outputs = backbone.run(batch, device=device)
-            arrays = _check_and_convert(outputs, specs=specs, lengths=lengths, start=start, stop=stop, backbone=name)
+            masked: set[int] = set()
+            arrays = _check_and_convert(outputs, specs=specs, lengths=lengths, start=start, stop=stop, backbone=name,
+                                        sample_ids=engine_rows["sample_id"], nonfinite=config.nonfinite,
+                                        masked=masked)
             arrays.update({k: v[start:stop] for k, v in engine_rows.items()})
+            if masked:
+                pos = np.array(sorted(masked), dtype=np.int64)
+                arrays["split"] = arrays["split"].copy()
+                arrays["split"][pos] = MASKED_SPLIT
+                masked_ids.extend(int(i) for i in engine_rows["sample_id"][start + pos])
             writer.write_batch(start, arrays)  # buffered; full units are written by the background thread
             done += stop - start
             bar.update(stop - start)
+    if masked_ids:
+        from cache.writer import read_meta, update_meta
+
+        before = read_meta(writer.path).get("masked_samples") or []
+        update_meta(writer.path, masked_samples=sorted(set(before) | set(masked_ids)))
     return done

@@ -86,7 +86,7 @@ def parse_axis(raw: str) -> tuple[Any, ...]:
     values = []
     for part in _split_top_level(raw):
         try:
-            values.append(_coerce(yaml.safe_load(part)))
+            values.append(_coerce(cfg.yaml_load(part)))
         except yaml.YAMLError:
             values.append(part)
     if not values:
@@ -424,14 +424,17 @@ class _Plan:
 
 def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: SweepSpec, runs_dir: Path,
               strategy: str = "auto", progress: bool = False,
-              on_run: Callable[[str], None] | None = None) -> SweepResult:
+              on_run: Callable[[str], None] | None = None, verify: bool = True) -> SweepResult:
     """Train every trial of ``spec`` on every cache, each cache loaded once; record runs and the sweep.
 
-    ``on_run(run_id)`` is called after each run is recorded (progress hooks, tests).
+    ``on_run(run_id)`` is called after each run is recorded (progress hooks, tests). ``verify``: check the
+    loaded arrays against the caches' unit checksums. Sweeps may run concurrently into one runs dir: each
+    run is claimed by a lock, so a configuration is trained and recorded once.
     """
     from cache.reader import open_cache
     from pipeline import results as R
     from pipeline import train as T
+    from pipeline.preflight import ensure_writable_dir
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
@@ -439,11 +442,12 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
         raise ConfigError("give at least one --cache")
     t_start = time.perf_counter()
     runs_dir = Path(runs_dir)
+    ensure_writable_dir(runs_dir, what="runs dir", fix="pass --runs-dir DIR to a folder you can write to")
     device = cfg.resolve_device(spec.device)
     readers: dict[str, Any] = {}
     refs: dict[str, str] = {}
     for ref in cache_refs:  # open all first: a missing or incomplete cache fails before any training
-        reader = open_cache(ref, root=cache_root)
+        reader = open_cache(ref, root=cache_root, verify=verify)
         if reader.key in readers:
             log.warning("cache %s given twice (as %s and %s); using it once", reader.key[:16], refs[reader.key], ref)
             continue
@@ -538,8 +542,6 @@ def _now() -> str:
 def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, strategy: str, sweep_id: str,
                record: dict[str, Any], on_recorded: Callable[[Any], None]) -> None:
     """Load one cache once (the union of what its heads read) and train its pending trials."""
-    import shutil
-
     from pipeline import train as T
     from pipeline.registry import HEADS
 
@@ -562,9 +564,98 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
         if c["key"] == plan.key:
             c.update(load_seconds=load_seconds, arrays=arrays + [f"targets/{t}" for t in targets])
 
-    groups: dict[str, list[tuple[Trial, str]]] = {}
-    for trial, rid in plan.todo:
-        groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
+    from pipeline import results as R
+
+    claims: dict[str, Any] = {}
+    deferred: list[tuple[Trial, str]] = []
+
+    def recorded_elsewhere(rid: str) -> bool:
+        if (runs_dir / R.RESULTS_SUBDIR / f"{rid}.parquet").exists():  # another sweep recorded it meanwhile
+            record["skipped"].append(rid)
+            return True
+        return False
+
+    def claim(todo: list[tuple[Trial, str]], *, wait: bool) -> list[tuple[Trial, str]]:
+        """The runs this process may train: locked by it and still unrecorded (concurrent sweeps)."""
+        mine = []
+        for trial, rid in todo:
+            lock = _run_lock(runs_dir, rid)
+            if not lock.acquire(wait=wait):
+                deferred.append((trial, rid))  # another process trains it now; looked at again at the end
+                continue
+            if recorded_elsewhere(rid):
+                lock.release()
+                continue
+            claims[rid] = lock
+            mine.append((trial, rid))
+        return mine
+
+    def recorded_and_released(run: Any) -> None:
+        on_recorded(run)
+        lock = claims.pop(run.run_id, None)
+        if lock is not None:  # a sweep waiting for this run sees its results row at once
+            lock.release()
+
+    try:
+        groups: dict[str, list[tuple[Trial, str]]] = {}
+        for trial, rid in claim(plan.todo, wait=False):
+            groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
+        _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
+                      strategy=strategy, sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
+        if deferred:
+            later, deferred[:] = list(deferred), []
+            groups = {}
+            for trial, rid in claim(later, wait=True):  # their holder finished (or died): redo what is missing
+                groups.setdefault(f"deferred {rid}", []).append((trial, rid))
+            _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
+                          strategy="in-turn", sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
+    finally:
+        for lock in claims.values():
+            lock.release()
+
+
+class _RunLock:
+    """An flock on ``<runs_dir>/.locks/<run_id>.lock`` (the kernel drops it when its holder dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, *, wait: bool) -> bool:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        import fcntl
+        import os
+
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _run_lock(runs_dir: Path, run_id: str) -> _RunLock:
+    return _RunLock(Path(runs_dir) / ".locks" / f"{run_id}.lock")
+
+
+def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, plan: _Plan, runs_dir: Path,
+                  device: Any, strategy: str, sweep_id: str, record: dict[str, Any],
+                  on_recorded: Callable[[Any], None]) -> None:
+    import shutil
+
+    from pipeline import train as T
+
     for members in groups.values():
         for _, rid in members:
             # A folder without its results row is a run cut short while being written: redo it.

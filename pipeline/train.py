@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.config import TrainConfig, resolve_device, to_dict
-from pipeline.errors import TrainError
+from pipeline.errors import ConfigError, TrainError
 from pipeline.loop import MIN_LR_FACTOR, lr_factor  # noqa: F401  (public here since before pipeline.loop)
 
 if TYPE_CHECKING:
@@ -167,7 +167,8 @@ def _check_finite(name: str, a: Any) -> None:
         if bool(bad.any()):
             n_bad = int(bad.reshape(t.shape[0], -1).any(dim=1).sum()) if t.dim() else 1
             raise TrainError(f"cached array {name!r} has NaN/inf in {n_bad} of {t.shape[0]} rows; features must be "
-                             f"finite (check the backbone's outputs or re-extract in float32)")
+                             "finite (extraction now refuses them: extract this cache again with --force, fixing the "
+                             "input data or with --nonfinite mask)")
 
 
 def memory_budget_bytes(*, device: "torch.device", budget_gb: float | None) -> int:
@@ -339,7 +340,12 @@ def build_head(*, config: TrainConfig, features: FeatureSet, task: "Task") -> "H
     net, _ = family.resolve_params(config.params)
     inputs = tuple(family.inputs(net, tuple(a for a in features.available if not a.startswith("targets/"))))
     torch.manual_seed(config.seed)
-    head = family.build(params=net, shapes=features.shapes(inputs), task=task)
+    try:
+        head = family.build(params=net, shapes=features.shapes(inputs), task=task)
+    except (ValueError, TypeError) as exc:  # e.g. --set dropout=abc: a param of the wrong type reaches torch
+        given = ", ".join(f"{k}={v!r}" for k, v in config.params.items()) or "defaults"
+        raise ConfigError(f"head {config.arch!r} cannot be built with {given} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the --set values") from None
     module = getattr(head, "module", None)
     if module is not None:
         module.to(features.device)
@@ -686,12 +692,16 @@ def _json_float(x: Any) -> Any:
 
 
 def run_train_head(*, cache_ref: str, cache_root: Path | None, config: TrainConfig, runs_dir: Path,
-                   progress: bool = False, sweep_id: str | None = None) -> RunResult:
-    """``ftpipe train-head``: open a complete cache, load what the head needs, fit, evaluate, record."""
+                   progress: bool = False, sweep_id: str | None = None, verify: bool = True) -> RunResult:
+    """``ftpipe train-head``: open a complete cache, load what the head needs, fit, evaluate, record.
+
+    ``verify``: check the loaded arrays against the cache's unit checksums (``--trust-cache`` turns it off)."""
     from cache.reader import open_cache
+    from pipeline.preflight import ensure_writable_dir
     from pipeline.registry import HEADS
 
-    cache = open_cache(cache_ref, root=cache_root)
+    ensure_writable_dir(runs_dir, what="runs dir", fix="pass --runs-dir DIR to a folder you can write to")
+    cache = open_cache(cache_ref, root=cache_root, verify=verify)
     available = tuple(s.name for s in cache.arrays())
     target = resolve_target(config=config, available=available)
     inputs = head_inputs(config=config, available=available)

@@ -54,10 +54,12 @@ def test_float16_overflow_is_refused_at_extraction_not_stored_as_inf():
     with pytest.raises(ConfigError, match="float16 range.*--dtype bfloat16"):
         _check_and_convert({"pooled/x": torch.tensor([[1.0, 7e4], [3.0, 4.0]])}, specs=specs, lengths={},
                            start=0, stop=2, backbone="b")
-    # a NaN the backbone itself produced is not an overflow: the trainer reports it per array
-    kept = _check_and_convert({"pooled/x": torch.tensor([[float("nan"), 1.0], [3.0, 4.0]])}, specs=specs,
-                              lengths={}, start=0, stop=2, backbone="b")
-    assert np.isnan(kept["pooled/x"][0, 0])
+    # a NaN the backbone itself produced is not an overflow: refused at extraction too (issue 12), naming the sample
+    from pipeline.errors import DataError
+
+    with pytest.raises(DataError, match=r"NaN/inf in pooled/x for 1 sample\(s\) \(sample_id 0\)"):
+        _check_and_convert({"pooled/x": torch.tensor([[float("nan"), 1.0], [3.0, 4.0]])}, specs=specs,
+                           lengths={}, start=0, stop=2, backbone="b")
 
 
 def test_a_damaged_store_at_a_keys_place_can_be_cleared_but_nothing_else(tmp_path: Path):

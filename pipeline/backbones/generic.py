@@ -54,19 +54,19 @@ def import_class(class_path: str, *, search_dirs: tuple[Path, ...] = ()) -> type
     module = None
     tried = ["sys.path"]
     try:
-        module = importlib.import_module(mod_name)
+        module = _import_user_module(class_path, mod_name)
     except ModuleNotFoundError as exc:
         if exc.name is None or not mod_name.startswith(exc.name.split(".")[0]):
-            raise  # a missing dependency *inside* the user's module: show it as is
+            raise _import_failed(class_path, mod_name, exc) from exc  # a missing dependency inside the module
         for d in search_dirs:
             tried.append(str(d))
             sys.path.insert(0, str(d))
             try:
-                module = importlib.import_module(mod_name)
+                module = _import_user_module(class_path, mod_name)
                 break
             except ModuleNotFoundError as exc2:
                 if exc2.name is None or not mod_name.startswith(exc2.name.split(".")[0]):
-                    raise
+                    raise _import_failed(class_path, mod_name, exc2) from exc2
             finally:
                 sys.path.remove(str(d))
     if module is None:
@@ -77,6 +77,148 @@ def import_class(class_path: str, *, search_dirs: tuple[Path, ...] = ()) -> type
     except AttributeError:
         raise ConfigError(f"backbone.class_path {class_path!r}: module {mod_name!r} has no {attr!r}") from None
     return cls
+
+
+def _import_user_module(class_path: str, mod_name: str) -> Any:
+    """importlib.import_module; anything the user's module raises while importing (other than the module
+    itself not being found) becomes one ConfigError line naming the class_path (traceback with -v)."""
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError:
+        raise
+    except Exception as exc:
+        raise _import_failed(class_path, mod_name, exc) from exc
+
+
+def _import_failed(class_path: str, mod_name: str, exc: BaseException) -> ConfigError:
+    hint = (f"install the package it needs (pip install {exc.name.split('.')[0]})"
+            if isinstance(exc, ModuleNotFoundError) and exc.name else "fix the module")
+    return ConfigError(f"backbone.class_path {class_path!r}: importing module {mod_name!r} failed: "
+                       f"{_exc_line(exc)}; {hint} (ftpipe -v extract ... shows the traceback)")
+
+
+def _exc_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = " ".join(l.strip() for l in lines[:3])[:300]  # noqa: E741 - a strict dataclass error spans lines
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
+
+
+def coerce_init_args(cls: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """Values whose constructor annotation is plainly ``int``, ``float`` or ``bool`` (optionally ``| None``)
+    converted to it when that is unambiguous: ``'1e-12'`` -> 1e-12 for a float, ``3`` -> 3.0 for a float,
+    ``'64'`` -> 64 and ``64.0`` -> 64 for an int, ``'true'``/``'false'`` for a bool. Anything else is left
+    as it is (the constructor decides)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable string annotations, builtins without signatures: leave the args alone
+        hints = {}
+    if not hints and dataclasses.is_dataclass(cls):
+        try:  # dataclass fields (a strict config dataclass): their annotations are the constructor's
+            hints = typing.get_type_hints(cls)
+        except Exception:
+            hints = {}
+    out = dict(args)
+    for name, value in args.items():
+        tp = _unwrap_optional(hints.get(name))
+        if tp not in (int, float, bool) or value is None or type(value) is tp:
+            continue
+        new: Any = value
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            new = float(value)
+        elif tp is float and isinstance(value, str):
+            try:
+                new = float(value)
+            except ValueError:
+                pass
+        elif tp is int and isinstance(value, float) and value.is_integer():
+            new = int(value)
+        elif tp is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            new = int(value)
+        elif tp is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            new = value.strip().lower() == "true"
+        if new is not value:
+            log.debug("init_args %s: %r coerced to %s", name, value, tp.__name__)
+        out[name] = new
+    return out
+
+
+def class_source_record(cls: Any) -> dict[str, Any] | None:
+    """What the cache key holds of a class_path module's code: sha256 over the file that defines the
+    class and the files next to it (same folder and below) that it imports, transitively, each by its
+    path relative to that folder (so moving the package keeps the key, editing any of them changes it).
+    None when the class has no source file (a builtin or C extension)."""
+    import hashlib
+
+    mod = sys.modules.get(getattr(cls, "__module__", ""), None)
+    first = getattr(mod, "__file__", None)
+    if not first or not str(first).endswith(".py"):
+        return None
+    root = Path(first).resolve().parent
+    names_by_file: dict[Path, str] = {}  # one resolve per loaded module, not one per module per file visited
+    for name, m in list(sys.modules.items()):
+        f = getattr(m, "__file__", None)
+        if f and str(f).endswith(".py"):
+            names_by_file.setdefault(Path(f).resolve(), name)
+    files: dict[str, Path] = {}
+    todo = [Path(first).resolve()]
+    while todo and len(files) < 200:  # bounded: a user's model package, not a library
+        f = todo.pop()
+        rel = f.relative_to(root).as_posix()
+        if rel in files:
+            continue
+        files[rel] = f
+        for name in _imported_modules(f, mod_name=names_by_file.get(f)):
+            other = getattr(sys.modules.get(name), "__file__", None)
+            if other and str(other).endswith(".py"):
+                p = Path(other).resolve()
+                if p.is_relative_to(root) and p.relative_to(root).as_posix() not in files:
+                    todo.append(p)
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        data = files[rel].read_bytes()
+        h.update(len(rel).to_bytes(8, "little") + rel.encode() + len(data).to_bytes(8, "little") + data)
+    return {"sha256": h.hexdigest(), "files": sorted(files)}
+
+
+
+
+def _imported_modules(path: Path, *, mod_name: str | None) -> list[str]:
+    """Absolute names of the modules a source file imports (``import a.b``, ``from . import c``)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return []
+    is_pkg = path.name == "__init__.py"
+    package = (mod_name if is_pkg else (mod_name or "").rpartition(".")[0]) or ""
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".") if package else []
+                base_parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base:
+                out.append(base)
+                out += [f"{base}.{a.name}" for a in node.names]  # `from pkg import submodule`
+    return out
 
 
 def resolve_init_args(cls: type, *, hparams: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +232,7 @@ def resolve_init_args(cls: type, *, hparams: dict[str, Any], overrides: dict[str
     # only the constructor's own names: Lightning hparams also hold lr, batch size, ...
     out = {k: v for k, v in base.items() if k in named}
     out.update(overrides)
-    return out
+    return coerce_init_args(cls, out)
 
 
 @dataclass(frozen=True)
@@ -190,7 +332,13 @@ class GenericBackbone:
         args = [batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
                 for k in self.input_keys]
         self._captured.clear()
-        result = self.module(*args)
+        try:
+            result = self.module(*args)
+        except Exception as exc:  # the user's forward: one line naming it and what it was given (-v: traceback)
+            given = ", ".join(f"{k} {tuple(a.shape)}" if hasattr(a, "shape") else k for k, a in zip(self.input_keys, args))
+            raise ConfigError(f"backbone.class_path {self.config.class_path!r}: forward({given}) failed: "
+                              f"{_exc_line(exc)}; check data.inputs and init_args against what the model expects "
+                              "(ftpipe -v extract ... shows the traceback)") from exc
         out: dict[str, Any] = {}
         for tap in self.taps:
             raw = result if not tap.module_path else self._captured.get(tap.module_path)
@@ -269,9 +417,10 @@ def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any,
     init_args = resolve_init_args(cls, hparams=hparams, overrides=dict(config.init_args))
     try:
         module = cls(**init_args)
-    except TypeError as exc:
-        raise ConfigError(f"backbone {config.class_path}({', '.join(f'{k}=...' for k in init_args)}) failed: {exc}; "
-                          "fix backbone.init_args") from None
+    except Exception as exc:  # any type: a user's constructor (or a strict config dataclass) may raise anything
+        raise ConfigError(f"backbone.class_path {config.class_path!r}: {cls.__name__}"
+                          f"({', '.join(f'{k}=...' for k in init_args)}) failed: {_exc_line(exc)}; "
+                          "fix backbone.init_args (ftpipe -v extract ... shows the traceback)") from exc
     meta = plan.meta if plan is not None else {}
     if "groups" in meta:  # Parquet: one padded tensor per ragged group, then the dense scalars
         keys = list(meta["groups"]) + (["scalars"] if meta.get("scalars") else [])

@@ -42,11 +42,19 @@ def _read(path: Path, key: str, *, mmap: bool = False) -> np.ndarray:
             return np.load(path / f"{key}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         with np.load(path, allow_pickle=False) as z:
             return z[key]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:  # e.g. "Bad CRC-32 for file 'x.npy'"
+        raise DataError(f"{path}: array {key!r} cannot be read, the file is corrupted ({_short(exc)}); write it again "
+                        "(np.savez) or restore a good copy") from None
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise DataError(f"{path}: array {key!r} holds Python objects (ragged lists?); store fixed-shape "
                             "numeric arrays, or use data.format parquet for variable-length samples") from None
         raise DataError(f"{path}: cannot read array {key!r} ({exc})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
 def _missing(path: Path, what: str, key: str, keys: list[str]) -> DataError:

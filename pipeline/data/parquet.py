@@ -121,9 +121,30 @@ def _to_float(values: Any) -> np.ndarray:
         raise DataError(f"cannot read values of type {values.type} as numbers: {exc}") from None
 
 
+def _names_corruption(method: Any) -> Any:
+    """pyarrow's errors on a damaged file (bad magic bytes, a short read, a thrift decode error) become one
+    DataError naming the data and the fix, never a traceback."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        import pyarrow as pa
+
+        try:
+            return method(self, *args, **kwargs)
+        except pa.ArrowException as exc:
+            where = getattr(self, "root", None) or getattr(kwargs.get("config"), "path", "the Parquet data")
+            text = " ".join(str(exc).split())[:200]
+            raise DataError(f"{where}: the Parquet data cannot be read, a file is damaged or not Parquet "
+                            f"({type(exc).__name__}: {text}); write it again or restore a good copy") from None
+
+    return wrapper
+
+
 class ParquetSource:
     """DataSource over Parquet files with one row per sample (see the module docstring)."""
 
+    @_names_corruption
     def __init__(self, *, config: DataConfig, split_ratios: list[float] | None = None, split_seed: int = 0) -> None:
         import pyarrow.parquet as pq
 
@@ -230,6 +251,7 @@ class ParquetSource:
                 out[group][ref.start : ref.start + ref.rows] = np.diff(offsets)
         return out
 
+    @_names_corruption
     def _make_plan(self) -> DataPlan:
         config = self.config
         n = self.n_rows
@@ -328,6 +350,7 @@ class ParquetSource:
             batch[SCALARS] = torch.from_numpy(np.stack([it[SCALARS] for it in items]).astype(np.float32))
         return batch
 
+    @_names_corruption
     def decode_row_group(self, ref: RowGroupRef) -> dict[str, Any]:
         """One row group as {group: (values (total, C) float32, offsets (rows+1,))} and scalars (rows, K)."""
         import pyarrow.parquet as pq
