@@ -65,7 +65,7 @@ class Predictions:
 
     def weights(self, counts: np.ndarray) -> np.ndarray:
         """Per-entry weights (b, m) from per-unit counts (b, n_units)."""
-        return counts if self.units is None else counts[:, self.units]
+        return counts if self.units is None else np.take(counts, self.units, axis=1)
 
 
 def classification(*, labels: np.ndarray, proba: np.ndarray, units: np.ndarray | None = None,
@@ -107,9 +107,14 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def resample_indices(*, n: int, n_boot: int, seed: int) -> np.ndarray:
-    """The row indices ``(n_boot, n)`` of the resamples :func:`bootstrap` uses for ``(n, n_boot, seed)``
-    (for checks against per-resample scikit-learn calls)."""
+    """The row indices ``(n_boot, n)`` of the multinomial resamples :func:`bootstrap` uses for
+    ``(n, n_boot, seed)`` (for checks against per-resample scikit-learn calls)."""
     return np.concatenate([_draw(size, ss, n) for size, ss in _plan(n=n, n_boot=n_boot, seed=seed)])
+
+
+def resample_counts(*, n: int, n_boot: int, seed: int) -> np.ndarray:
+    """The count weights ``(n_boot, n)`` :func:`bootstrap` applies (``np.repeat(rows, counts)`` is the resample)."""
+    return np.concatenate([_counts(_draw(size, ss, n), n) for size, ss in _plan(n=n, n_boot=n_boot, seed=seed)])
 
 
 def _workers() -> int:
@@ -263,9 +268,10 @@ class _BinaryAUC:
         if len(self.pos) == 0 or len(self.neg) == 0:
             return np.full(b, np.nan)
         c = np.zeros((b, len(self.neg) + 1), np.float64)
-        np.cumsum(w[:, self.neg], axis=1, out=c[:, 1:])
-        wp = w[:, self.pos].astype(np.float64)
-        at = c[:, self.hi] if not self.ties else 0.5 * (c[:, self.lo] + c[:, self.hi])
+        np.cumsum(np.take(w, self.neg, axis=1), axis=1, out=c[:, 1:])
+        wp = np.take(w, self.pos, axis=1).astype(np.float64)
+        at = np.take(c, self.hi, axis=1) if not self.ties else \
+            0.5 * (np.take(c, self.lo, axis=1) + np.take(c, self.hi, axis=1))
         u = np.einsum("ij,ij->i", wp, at)
         return _safe_div(u, wp.sum(axis=1) * c[:, -1])
 
