@@ -413,30 +413,35 @@ def _board_metric(rows: Sequence[dict[str, Any]], metric: str | None) -> str | N
     return sort.split("_", 1)[1] if sort and sort.split("_", 1)[0] in ("train", "val", "test") else sort
 
 
-def _group_rows(runs_dir: Path, g: dict[str, Any]) -> list[dict[str, Any]]:
+def _group_rows(by_id: dict[str, dict[str, Any]], g: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted((by_id[i] for i in g.get("run_ids") or [] if i in by_id),
+                  key=lambda r: (r.get("seed") is None, r.get("seed")))
+
+
+def _rows_by_id(runs_dir: Path) -> dict[str, dict[str, Any]]:
     from pipeline.results import read_results
 
-    ids = set(g.get("run_ids") or [])
-    return sorted((r for r in read_results(runs_dir=runs_dir) if r["run_id"] in ids),
-                  key=lambda r: (r.get("seed") is None, r.get("seed")))
+    return {r["run_id"]: r for r in read_results(runs_dir=runs_dir)}
 
 
 def ci_columns(rows: Sequence[dict[str, Any]], *, runs_dir: Path, split: str = "test", metric: str | None = None,
                n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict[str, Any]]:
     """Per leaderboard row (one configuration, its seeds in ``run_ids``): ``<split>_<metric>_ci_low/high``
-    (percentile bootstrap; for seed groups over the pooled bootstrap of the seed mean),
+    (percentile bootstrap; for seed groups over the pooled bootstrap of the seed mean), the metric recomputed
+    from the stored predictions (``<split>_<metric>_from_predictions``, = the recorded value),
     ``<split>_<metric>_seed_std`` (training noise, apart) and ``<split>_<metric>_boot_se``."""
     metric = _board_metric(rows, metric)
+    by_id = _rows_by_id(runs_dir)
     out: list[dict[str, Any]] = []
     for g in rows:
         col = f"{split}_{metric}"
         extra: dict[str, Any] = {}
         try:
-            members = _group_rows(runs_dir, g)
+            members = _group_rows(by_id, g)
             scored = [load_scored(runs_dir=runs_dir, row=r, split=split) for r in members]
             preds = [to_stats(scored[0])] + [to_stats(s, align(scored[0], s, split=split)) for s in scored[1:]]
             gi = S.group_interval(preds, str(metric), n_boot=n_boot, seed=seed, level=level)
-            extra = {f"{col}_ci_low": gi.low, f"{col}_ci_high": gi.high,
+            extra = {f"{col}_from_predictions": gi.mean, f"{col}_ci_low": gi.low, f"{col}_ci_high": gi.high,
                      f"{col}_seed_std": gi.seed_std if len(preds) > 1 else None, f"{col}_boot_se": gi.boot_std}
         except FtpipeError as exc:
             log.warning("no interval for configuration %s: %s", str(g.get("config_id"))[:8], exc)
@@ -453,6 +458,7 @@ def vs_columns(rows: Sequence[dict[str, Any]], *, runs_dir: Path, ref: str, spli
     ref_rows = resolve(runs_dir=runs_dir, ref=ref)
     metric = _board_metric(rows, metric)
     ref_ids = {r["run_id"] for r in ref_rows}
+    by_id = _rows_by_id(runs_dir)
     out: list[dict[str, Any]] = []
     for g in rows:
         if set(g.get("run_ids") or []) == ref_ids:
@@ -460,7 +466,7 @@ def vs_columns(rows: Sequence[dict[str, Any]], *, runs_dir: Path, ref: str, spli
                         "vs_test": None, "vs_resolved": None})
             continue
         try:
-            c = compare_rows(runs_dir=runs_dir, rows_a=ref_rows, rows_b=_group_rows(runs_dir, g), metric=metric,
+            c = compare_rows(runs_dir=runs_dir, rows_a=ref_rows, rows_b=_group_rows(by_id, g), metric=metric,
                              split=split, n_boot=n_boot, seed=seed, level=level, cache_root=cache_root)
             out.append({"vs_ref": False, "vs_diff": c.diff, "vs_ci_low": c.low, "vs_ci_high": c.high, "vs_p": c.p,
                         "vs_test": c.test, "vs_resolved": c.resolved})

@@ -219,3 +219,14 @@ def test_end_to_end_on_real_data(tmp_path, dataset):
     rid = json.loads(res.stdout.strip().splitlines()[-1])["run_id"]
     res = r.invoke(main, ["compare", ids[0], rid, "--runs-dir", str(runs), "--cache-root", str(root)])
     assert res.exit_code == 2 and "not scored on the same test rows" in res.stderr
+
+
+def test_report_draws_intervals_and_the_comparison_with_the_best(runs, tmp_path):
+    from pipeline.report import write_report
+
+    ids = [f"{c}_seed{s}-{c}0000" for c in ("good", "weak") for s in range(10)] + ["same-1"]
+    page = write_report(sweep_id=None, run_ids=ids, runs_dir=runs, out=tmp_path / "report")
+    text = page.read_text()
+    assert (page.parent / "figures" / "intervals.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="figures/intervals.png"' in text and "Uncertainty: test_auroc" in text
+    assert "(reference)" in text and "DeLong" in text and "paired bootstrap of seed means" in text
