@@ -236,3 +236,24 @@ def test_bootstrap_p_and_intervals():
     iv = S.percentile_interval(np.r_[np.arange(1000.0), np.nan], estimate=1.0, level=0.9)
     assert (iv.low, iv.high, iv.undefined) == pytest.approx((np.quantile(np.arange(1000.0), 0.05),
                                                              np.quantile(np.arange(1000.0), 0.95), 1))
+
+
+def test_poisson_scheme_above_the_threshold_is_a_bootstrap_sklearn_agrees_with():
+    """Large test sets draw Poisson(1) counts (the Poisson bootstrap); each replicate is still sklearn's metric
+    on a resample: the rows repeated by their counts."""
+    big = S.POISSON_ABOVE + 1
+    np.testing.assert_array_equal(S.resample_counts(n=big, n_boot=3, seed=2),
+                                  S.resample_counts(n=big, n_boot=3, seed=2, scheme="poisson"))
+    rng = np.random.default_rng(1)
+    n = 3000
+    y, (p,) = _binormal(rng, n, [1.0], ties=True)
+    pred = S.classification(labels=y, proba=_two_col(p))
+    got = S.bootstrap(preds=[pred], metric="auroc", n_boot=10, seed=4, scheme="poisson")[0]
+    rows = S.resample_indices(n=n, n_boot=10, seed=4, scheme="poisson")
+    np.testing.assert_allclose(got, [skm.roc_auc_score(y[i], p[i]) for i in rows], rtol=1e-12)
+    counts = S.resample_counts(n=50_000, n_boot=40, seed=0, scheme="poisson").ravel()
+    freq = np.bincount(counts, minlength=8)[:8] / counts.size
+    np.testing.assert_allclose(freq, sps.poisson.pmf(np.arange(8), 1.0), atol=1.2e-3)  # ~3.5 sd
+    assert abs(counts.mean() - 1) < 2e-3 and abs(counts.var() - 1) < 5e-3
+    multi = S.resample_counts(n=500, n_boot=30, seed=0, scheme="multinomial")
+    assert (multi.sum(axis=1) == 500).all()  # the classic bootstrap: n draws per resample
