@@ -37,7 +37,8 @@ POINT_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1")  # in 
 
 
 def resolve(*, runs_dir: Path, ref: str) -> list[dict[str, Any]]:
-    """Results rows of ``ref``: a run id, a unique run-id prefix, or a config_id prefix (all its seeds)."""
+    """Results rows of ``ref``: a run id, a unique run-id prefix, a prefix shared only by the seeds of one
+    configuration (``mlp2_lr0.01``), or a config_id prefix (all its seeds)."""
     from pipeline.results import read_results
 
     rows = read_results(runs_dir=runs_dir)
@@ -49,6 +50,8 @@ def resolve(*, runs_dir: Path, ref: str) -> list[dict[str, Any]]:
     by_run = [r for r in rows if str(r["run_id"]).startswith(ref)]
     if len(by_run) == 1:
         return by_run
+    if by_run and len({r.get("config_id") for r in by_run}) == 1:  # a configuration's label: all its seeds
+        return sorted(by_run, key=lambda r: (r.get("seed") is None, r.get("seed")))
     by_cfg = [r for r in rows if str(r.get("config_id") or "").startswith(ref)]
     cfgs = {r["config_id"] for r in by_cfg}
     if len(cfgs) == 1:
@@ -507,7 +510,7 @@ def format_stats_table(rows: Sequence[dict[str, Any]], *, split: str = "test", m
                 cells += ["different rows" if r.get("vs_error") else "", "", "", ""]
             else:
                 cells += [_signed(r["vs_diff"]), f"[{_signed(r['vs_ci_low'])}, {_signed(r['vs_ci_high'])}]",
-                          _p(r["vs_p"]) + (f" ({r['vs_test']})" if r.get("vs_test") else ""),
+                          _p(r["vs_p"]) + (f" ({_short_test(r['vs_test'])})" if r.get("vs_test") else ""),
                           "yes" if r.get("vs_resolved") else "no"]
         cells.append(str(r.get("config_id"))[:8])
         table.append(cells)
@@ -517,3 +520,8 @@ def format_stats_table(rows: Sequence[dict[str, Any]], *, split: str = "test", m
 
 def _short(s: str, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _short_test(name: str) -> str:
+    return "bootstrap" if "bootstrap" in name else "McNemar" if name.startswith("McNemar") else \
+        "DeLong" if name.startswith("DeLong") else name

@@ -103,9 +103,10 @@ def _figure(rows: list[dict[str, Any]], *, col: str, out: Path, prefix: str, lev
     ax.axvline(float(best[val]), color="C0", ls="--", lw=1)
     ax.errorbar(v, y, xerr=[[max(a - b, 0.0) for a, b in zip(v, lo)], [max(b - a, 0.0) for a, b in zip(v, hi)]], fmt="o", color="k",
                 lw=3, capsize=0, label=f"{level * 100:g} % bootstrap CI")
-    sd = [float(r.get(f"{col}_seed_std") or 0.0) for r in pts]
-    if any(sd):
-        ax.errorbar([a + 0.0 for a in v], [t - 0.18 for t in y], xerr=sd, fmt="none", color="C3", lw=1, capsize=3,
+    grp = [i for i, r in enumerate(pts) if r.get(f"{col}_seed_std") is not None]  # seed groups only
+    if grp:
+        ax.errorbar([v[i] for i in grp], [y[i] - 0.18 for i in grp],
+                    xerr=[float(pts[i][f"{col}_seed_std"]) for i in grp], fmt="none", color="C3", lw=1, capsize=3,
                     label="± seed std")
     ax.set_yticks(y, [_label(r)[:48] for r in pts], fontsize=8)
     ax.set_xlabel(col)
