@@ -184,21 +184,24 @@ def align(ref: Scored, other: Scored, *, split: str) -> np.ndarray:
     return perm
 
 
-def to_stats(s: Scored, perm: np.ndarray | None = None, *, unit_of: dict | None = None) -> S.Predictions:
-    """``stats.Predictions`` with entries in the reference order (``perm``); units are samples."""
+def to_stats(s: Scored, perm: np.ndarray | None = None) -> S.Predictions:
+    """``stats.Predictions`` with entries in the reference order (``perm``). The resampling units are the
+    samples with at least one scored entry (a known label; a finite target), as pipeline.metrics scores them."""
     keys = s.keys if perm is None else s.keys[perm]
     target = s.target if perm is None else s.target[perm]
     output = s.output if perm is None else s.output[perm]
-    uniq, units = np.unique(keys, return_inverse=True)
-    single = s.objects is None
     if s.kind == "classify":
         classes = np.asarray(s.classes, np.float64)
         idx = np.clip(np.searchsorted(classes, target), 0, max(len(classes) - 1, 0))
-        known = ~np.isnan(target) & (classes[idx] == target) if len(classes) else np.zeros(len(target), bool)
-        keep = np.flatnonzero(known)  # as pipeline.metrics: unknown or missing labels are not scored
-        return S.classification(labels=idx[keep], proba=output[keep],
-                                units=None if single and len(keep) == len(uniq) else units[keep], n_units=len(uniq))
-    return S.regression(y=target, pred=output, units=None if single else units, n_units=len(uniq))
+        keep = ~np.isnan(target) & (classes[idx] == target) if len(classes) else np.zeros(len(target), bool)
+    else:
+        keep = ~np.isnan(target.reshape(len(target), -1)).all(axis=1)
+    keep = np.flatnonzero(keep)
+    uniq, units = np.unique(keys[keep], return_inverse=True)
+    units = None if len(uniq) == len(keep) and np.array_equal(keys[keep], uniq) else units
+    if s.kind == "classify":
+        return S.classification(labels=idx[keep], proba=output[keep], units=units, n_units=len(uniq))
+    return S.regression(y=target[keep], pred=output[keep], units=units, n_units=len(uniq))
 
 
 # --------------------------------------------------------------------------- comparison

@@ -230,3 +230,26 @@ def test_report_draws_intervals_and_the_comparison_with_the_best(runs, tmp_path)
     assert (page.parent / "figures" / "intervals.png").read_bytes()[:4] == b"\x89PNG"
     assert 'src="figures/intervals.png"' in text and "Uncertainty: test_auroc" in text
     assert "(reference)" in text and "DeLong" in text and "paired bootstrap of seed means" in text
+
+
+def test_per_object_runs_resample_whole_samples(tmp_path):
+    from pipeline.metrics import regression_metrics
+
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(3)
+    n, q = 120, 3
+    y = rng.lognormal(size=(n, q))
+    y[rng.random((n, q)) < 0.3] = np.nan
+    y[:4] = np.nan  # samples with no matched object are not resampled
+    task = Task(kind="regress", n_outputs=1, per_object=True, loss="mse")
+    preds = {}
+    for name, spread in (("sharp", 0.1), ("blurry", 0.4)):
+        preds[name] = y * rng.lognormal(0, spread, size=(n, q))
+        preds[name][np.isnan(preds[name])] = 1.0
+        fake_run(runs, run_id=f"{name}-1", config_id=f"{name}cfg", seed=0, cache_key="k" * 16, task=task,
+                 rows=np.arange(n), target=y, prediction=preds[name][..., None])
+    c = compare(runs_dir=runs, ref_a="blurry-1", ref_b="sharp-1", metric="logres68", n_boot=300)
+    assert c.n_samples == int((~np.isnan(y)).any(axis=1).sum())
+    assert c.b.value == pytest.approx(regression_metrics(y=y.reshape(-1, 1), pred=preds["sharp"].reshape(-1, 1))
+                                      ["logres68"], rel=1e-10)
+    assert c.resolved and c.verdict.startswith("B is better than A by")
