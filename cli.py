@@ -347,7 +347,7 @@ def compare(run_a, run_b, metric, split, level, n_boot, boot_seed, runs_dir, cac
 
     result = run_compare(runs_dir=Path(runs_dir), ref_a=run_a, ref_b=run_b, metric=metric, split=split,
                          n_boot=n_boot, seed=boot_seed, level=level,
-                         cache_root=Path(cache_root) if cache_root else None)
+                         cache_root=_cache_root(cache_root))
     if as_json:
         _emit_json(result.to_dict())
     else:

@@ -89,19 +89,19 @@ def _record(runs_dir: Path, run_id: str) -> dict[str, Any]:
 
 
 def _sample_ids(record: dict[str, Any], rows: np.ndarray, cache_root: Path | None) -> np.ndarray | None:
-    """``sample_id`` of cache ``rows``, or None when the run's cache cannot be opened any more."""
-    cache = record.get("cache") or {}
-    try:
-        from cache.reader import open_cache
+    """``sample_id`` of cache ``rows`` (the cache at its recorded path, else its key under ``cache_root``),
+    or None when the run's cache cannot be opened any more."""
+    from cache.reader import open_cache
 
-        ref = cache.get("path") or cache.get("key")
+    cache = record.get("cache") or {}
+    for ref in (cache.get("path"), cache.get("key")):
         if not ref:
-            return None
-        reader = open_cache(ref, root=cache_root)
-        return np.asarray(reader.load_numpy("sample_id", rows))
-    except Exception as exc:  # noqa: BLE001 - a missing or moved cache only loses the sample-id check
-        log.info("sample ids of cache %s unavailable (%s); matching by cache row", cache.get("key"), exc)
-        return None
+            continue
+        try:
+            return np.asarray(open_cache(ref, root=cache_root).load_numpy("sample_id", rows))
+        except Exception as exc:  # noqa: BLE001 - a missing or moved cache only loses the sample-id match
+            log.info("sample ids of cache %s unavailable at %s (%s)", cache.get("key"), ref, exc)
+    return None
 
 
 def load_scored(*, runs_dir: Path, row: dict[str, Any], split: str, by_sample_id: bool = False,

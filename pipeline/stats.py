@@ -121,7 +121,7 @@ _POISSON_TABLE: list[np.ndarray] = []
 
 def _poisson_counts(size: int, ss: np.random.SeedSequence, n: int) -> np.ndarray:
     """Poisson(1) counts (size, n), uint8, by inverting the CDF rounded to 16 bits on 16 random bits each
-    (each probability exact to 1/65,536; counts above 8, P < 1e-6 together, are not drawn)."""
+    (each probability within 1/65,536 of Poisson(1)'s; counts above 8, P ~ 1e-6 together, are not drawn)."""
     if not _POISSON_TABLE:
         cdf = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(16)])
         edges = np.round(cdf * 65536)
@@ -139,8 +139,8 @@ def _poisson_counts(size: int, ss: np.random.SeedSequence, n: int) -> np.ndarray
 def _drawer(n: int, scheme: str) -> Callable[[int, np.random.SeedSequence], np.ndarray]:
     """``multinomial``: the classic bootstrap, n rows drawn with replacement. ``poisson``: each row's count
     is Poisson(1) (the Poisson bootstrap: Hanley & MacGibbon 2006; Chamandy et al. 2012), which matches the
-    multinomial at large n (resample sizes vary by ~1/sqrt(n)) and costs a table look-up per row instead of
-    a draw and a histogram. ``auto``: multinomial up to ``POISSON_ABOVE`` samples, Poisson above."""
+    multinomial at large n (resample sizes vary by ~1/sqrt(n)) and costs 16 random bits and a few compares
+    per row instead of a bounded draw and a histogram. ``auto``: multinomial up to ``POISSON_ABOVE`` samples, Poisson above."""
     if scheme not in ("auto", "multinomial", "poisson"):
         raise FtpipeError(f"bootstrap scheme must be auto, multinomial or poisson; got {scheme!r}")
     if scheme == "poisson" or (scheme == "auto" and n > POISSON_ABOVE):
