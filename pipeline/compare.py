@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -249,8 +250,8 @@ class Comparison:
 
     def summary(self) -> str:
         pct = f"{self.level * 100:g} %"
-        lines = [f"{self.split} {self.metric} on {self.n_samples} paired samples (matched by {self.basis}); "
-                 f"percentile bootstrap, {self.n_boot} resamples, {pct} CI"]
+        lines = [(f"{self.split} {self.metric} on {self.n_samples} paired samples (matched by {self.basis}); "
+                  f"percentile bootstrap, {self.n_boot} resamples, {pct} CI")]
         for name, s in (("A", self.a), ("B", self.b)):
             seeds = f", {len(s.run_ids)} seeds, seed std {_num(s.seed_std)}" if len(s.run_ids) > 1 else ""
             lines.append(f"  {name}  {s.label} ({s.arch}{seeds}): {_num(s.value)}  [{_num(s.low)}, {_num(s.high)}]")

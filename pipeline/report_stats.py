@@ -14,8 +14,9 @@ from __future__ import annotations
 import html
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ def stats_sections(*, board: Sequence[dict[str, Any]], runs_dir: Path, out: Path
         return []
     pct = f"{level * 100:g} %"
     parts = [f"<{h}>Uncertainty: {html.escape(col)} with {pct} intervals, each configuration against the best</{h}>",
-             f'<p class="note">Percentile bootstrap over the {split} rows ({n_boot} resamples, seeded); seed groups '
-             "use the pooled bootstrap of the seed mean. The seed std (training noise) is shown apart. Differences "
-             "are paired (same rows); p from DeLong (AUROC), McNemar exact (accuracy) or the paired bootstrap; "
-             "'resolved' needs p &lt; 1 - level and an interval that excludes 0.</p>"]
+             (f'<p class="note">Percentile bootstrap over the {split} rows ({n_boot} resamples, seeded); seed groups '
+              "use the pooled bootstrap of the seed mean. The seed std (training noise) is shown apart. Differences "
+              "are paired (same rows); p from DeLong (AUROC), McNemar exact (accuracy) or the paired bootstrap; "
+              "'resolved' needs p &lt; 1 - level and an interval that excludes 0.</p>")]
     fig = _figure(rows, col=col, out=out, prefix=prefix, level=level)
     if fig:
         parts.append(f'<figure><img src="{html.escape(fig)}" alt="intervals"><figcaption>{html.escape(col)}: '

@@ -26,6 +26,10 @@ def _binormal(rng, n, mus, rho=0.5, prev=0.4, ties=False):
     return y, [1 / (1 + np.exp(-s[:, k])) for k in range(len(mus))]
 
 
+def _softmax(z):
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
 def _two_col(p):
     return np.c_[1 - p, p]
 
@@ -196,8 +200,7 @@ def test_delong_p_values_are_uniform_under_the_null():
         shift = np.eye(3)[lab]
         la = shift + rng.standard_normal((240, 3))
         lb = shift + 0.6 * (la - shift) + 0.8 * rng.standard_normal((240, 3))  # correlated, same quality
-        sm = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)  # noqa: E731
-        ps_mc.append(S.delong(labels=lab, proba_a=sm(la), proba_b=sm(lb)).p)
+        ps_mc.append(S.delong(labels=lab, proba_a=_softmax(la), proba_b=_softmax(lb)).p)
     assert sps.kstest(ps, "uniform").pvalue > 0.01
     assert sps.kstest(ps_mc, "uniform").pvalue > 0.01
     assert 0.02 <= np.mean(np.array(ps) < 0.05) <= 0.09
