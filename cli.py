@@ -78,6 +78,18 @@ trust_cache_option = click.option(
          "errors); for caches verified elsewhere, e.g. with `ftpipe cache verify`.")
 
 
+def stats_options(f):
+    """Bootstrap options shared by `results --ci/--vs` and `compare`."""
+    for opt in reversed([
+        click.option("--split", default="test", show_default=True, help="Split whose stored predictions are resampled."),
+        click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of intervals."),
+        click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples."),
+        click.option("--boot-seed", type=int, default=0, show_default=True, help="Seed of the resampling."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftpipe")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
@@ -334,12 +346,47 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
 @click.option("--sort", default=None, help="Metric column to rank by [default: the selection metric on val].")
 @click.option("--top", type=int, default=None)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
+@click.option("--ci", is_flag=True, help="Add a bootstrap confidence interval (test rows) and the seed std per row.")
+@click.option("--vs", "vs_ref", default=None, help="Add each row's paired difference to this run / config id.")
+@stats_options
+def results(runs_dir, cache_key, sweep_id, sort, top, fmt, ci, vs_ref, split, level, n_boot, boot_seed):
     """Leaderboard of recorded runs."""
     from pipeline.results import format_leaderboard, leaderboard
 
     rows = leaderboard(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_id=sweep_id, sort=sort, top=top)
+    if ci or vs_ref:
+        from pipeline import compare as C
+
+        opts = {"runs_dir": Path(runs_dir), "split": split, "n_boot": n_boot, "seed": boot_seed, "level": level}
+        extra = [C.ci_columns(rows, **opts) if ci else [{}] * len(rows),
+                 C.vs_columns(rows, ref=vs_ref, **opts) if vs_ref else [{}] * len(rows)]
+        rows = [{**r, **e1, **e2} for r, e1, e2 in zip(rows, *extra)]
+        if fmt == "table":
+            click.echo(C.format_stats_table(rows, split=split, level=level, ref=vs_ref))
+            return
     click.echo(format_leaderboard(rows, fmt=fmt))
+
+
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--metric", default=None, help="Metric to compare [default: auroc (classify) / mse (regress)].")
+@stats_options
+@runs_dir_option
+@cache_root_option
+@json_option
+def compare(run_a, run_b, metric, split, level, n_boot, boot_seed, runs_dir, cache_root, as_json):
+    """Paired comparison of two runs (or seed groups: a config id) on the same rows: difference with a
+    bootstrap CI, DeLong (AUROC) / McNemar (accuracy) / bootstrap p, and a verdict in words."""
+    from pipeline.compare import compare as run_compare
+
+    result = run_compare(runs_dir=Path(runs_dir), ref_a=run_a, ref_b=run_b, metric=metric, split=split,
+                         n_boot=n_boot, seed=boot_seed, level=level,
+                         cache_root=_cache_root(cache_root))
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary())
 
 
 @main.command()

@@ -402,6 +402,9 @@ def _problem_sections(*, runs: list[RunView], runs_dir: Path, out: Path, prefix:
     if fig:
         sections.append(_img(fig, f"{metric} per configuration, mean ± std over seeds"
                                   + ("; colour = cache" if several_caches else "")))
+    from pipeline.report_stats import stats_sections  # intervals and comparisons with the best (issue 18)
+
+    sections += stats_sections(board=board, runs_dir=runs_dir, out=out, prefix=prefix, h=h)
 
     if metric:
         hyper = _fig_hyperparameters(runs, metric, out, prefix=prefix)
