@@ -64,9 +64,21 @@ class DataConfig:
     split: str | None = "split"  # key / column holding train/val/test (names or codes 0/1/2)
     sample_id: str | None = None  # key / column of stable sample ids; default: row number
     options: dict[str, Any] = field(default_factory=dict)  # format- or family-specific reader options
+    text: str | None = None  # raw text column (parquet/csv), tokenized by the model's own tokenizer
+    tokenizer: str | None = None  # tokenizer folder; default: the checkpoint, when it is a Hugging Face folder
+    max_length: int | None = None  # tokens per text; default: the tokenizer's (and the model's) limit
+    truncate: bool = False  # cut longer texts to max_length (default: refuse them, naming how many)
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("arrays", "parquet"))
+        _check_choice("data.format", self.format, ("arrays", "parquet", "csv"))
+        if self.format == "csv" and not self.text:
+            raise ConfigError("data.format csv reads raw text: set data.text to the text column")
+        if not self.text and (self.tokenizer or self.max_length is not None or self.truncate):
+            raise ConfigError("data.tokenizer / max_length / truncate apply to raw text: set data.text to its column")
+        if self.text and self.format == "arrays":
+            raise ConfigError("data.text reads a text column: set data.format to parquet or csv")
+        if self.max_length is not None:
+            _check_positive("data.max_length", self.max_length)
         # `inputs: x` is the natural spelling for one input; store lists only
         for name in ("inputs", "targets"):
             value = getattr(self, name)
@@ -191,10 +203,11 @@ def load(cls: type[C], *, yaml_path: str | Path | None = None, overrides: Mappin
         data = read_yaml(yaml_path)
         source = str(yaml_path)
         data_section = data.get("data")
-        if isinstance(data_section, dict) and data_section.get("path"):
-            p = Path(str(data_section["path"]))
-            if not p.is_absolute():
-                data_section["path"] = str((Path(yaml_path).parent / p).resolve())
+        for key in ("path", "tokenizer"):
+            if isinstance(data_section, dict) and data_section.get(key):
+                p = Path(str(data_section[key]))
+                if not p.is_absolute():
+                    data_section[key] = str((Path(yaml_path).parent / p).resolve())
     data = merge(data, overrides or {})
     return build(cls, data, source=source)
 
