@@ -235,3 +235,70 @@ def test_task_model_folder_loads_into_the_base_model_dropping_its_head(hf, tmp_p
         ref = base(**tok(hf["texts"][0], return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
     got = np.asarray(open_cache(res["path"]).load_numpy("pooled/embed"))[0].astype(np.float32)
     np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_csv_text_gives_the_parquet_features(hf, tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from cache.reader import open_cache
+
+    pacsv.write_csv(pq.read_table(hf["data"]), tmp_path / "docs.csv")
+    got = {}
+    for fmt, data in (("parquet", hf["data"]), ("csv", tmp_path / "docs.csv")):
+        cfg = _config(tmp_path / f"{fmt}.yaml", data={"format": fmt})
+        code, err, res = _extract("--config", str(cfg), "--checkpoint", str(hf["model"]), "--data", str(data),
+                                  cache=tmp_path / "cache")
+        assert code == 0, err
+        got[fmt] = open_cache(res["path"]).load_numpy("pooled/embed")
+    np.testing.assert_array_equal(got["csv"], got["parquet"])
+
+
+WRAPPER = '''
+import torch
+from transformers import BertConfig, BertModel
+
+class MyEncoder(torch.nn.Module):
+    """A user's own wrapper: init_args come from the folder's config.json keys it accepts."""
+    def __init__(self, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 intermediate_size: int, max_position_embeddings: int, layer_norm_eps: float):
+        super().__init__()
+        self.bert = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                                         intermediate_size=intermediate_size,
+                                         max_position_embeddings=max_position_embeddings,
+                                         layer_norm_eps=layer_norm_eps))
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+'''
+
+
+def test_own_wrapper_class_gets_init_args_from_config_json(hf, tmp_path):
+    from cache.reader import open_cache
+
+    (tmp_path / "my_encoder.py").write_text(WRAPPER)
+    cfg = _config(tmp_path / "c.yaml", backbone={"class_path": "my_encoder.MyEncoder", "taps": {"pooled/embed": ""},
+                                                  "renames": {"": "bert."}},
+                  data={"inputs": ["input_ids", "attention_mask"]})
+    code, err, res = _extract("--config", str(cfg), "--checkpoint", str(hf["model"]), "--data", str(hf["data"]),
+                              "--batch-size", "16", cache=tmp_path / "cache")
+    assert code == 0, err
+    got = open_cache(res["path"]).load_numpy("pooled/embed").astype(np.float32)
+    np.testing.assert_allclose(got, _reference(hf["model"], hf["texts"], 128), rtol=2e-3, atol=2e-3)
+
+
+def test_folder_digest_covers_weights_config_and_tokenizer_files(hf, tmp_path):
+    from cache.key import checkpoint_digest
+
+    folder = tmp_path / "copy"
+    shutil.copytree(hf["model"], folder)
+    base = checkpoint_digest(folder)
+    assert checkpoint_digest(hf["model"]) == base  # content, not place
+    seen = {base}
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        with open(folder / name, "ab") as f:
+            f.write(b" ")
+        d = checkpoint_digest(folder)
+        assert d not in seen, name
+        seen.add(d)
