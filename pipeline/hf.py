@@ -8,7 +8,8 @@ Notable features:
   otherwise); ``init_args`` that are config fields override it, the rest go to the constructor;
 - loading stays strict; what ``transformers`` itself ignores when it loads this class is dropped
   and reported: the class's ``_keys_to_ignore_on_load_unexpected``, stale non-persistent buffers
-  (``position_ids``), and, for a base model read from a task model's folder, the ``bert.``-style
+  (``position_ids``), parts the instance was built without (``add_pooling_layer: false`` -> the
+  pooler's tensors), and, for a base model read from a task model's folder, the ``bert.``-style
   prefix is stripped and the task head's tensors are dropped;
 - no hub access is ever attempted: ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are set and every
   load passes ``local_files_only=True``.
@@ -147,7 +148,9 @@ def loading_rules(module: Any, keys: list[str]) -> tuple[tuple[str, ...], tuple[
         if name in expected:
             continue
         head = bool(strip) and not original.startswith(strip[0])
-        if head or name in buffers or (regex is not None and regex.search(name)):
+        # a part this instance was built without (add_pooling_layer=False leaves `pooler = None`)
+        absent = "." in name and hasattr(module, name.split(".")[0]) and getattr(module, name.split(".")[0]) is None
+        if head or absent or name in buffers or (regex is not None and regex.search(name)):
             drop.append(glob.escape(original))
     return strip, tuple(drop)
 

@@ -302,3 +302,16 @@ def test_folder_digest_covers_weights_config_and_tokenizer_files(hf, tmp_path):
         d = checkpoint_digest(folder)
         assert d not in seen, name
         seen.add(d)
+
+
+def test_init_args_reach_the_transformers_class_and_absent_parts_are_dropped(hf, tmp_path, caplog):
+    from cache.reader import open_cache
+
+    cfg = _config(tmp_path / "c.yaml", backbone={"init_args": {"add_pooling_layer": False}})
+    caplog.set_level(logging.INFO)
+    code, err, res = _extract("--config", str(cfg), "--checkpoint", str(hf["model"]), "--data", str(hf["data"]),
+                              cache=tmp_path / "cache")
+    assert code == 0, err
+    assert "dropped 2 head tensor(s) (pooler.dense.bias, pooler.dense.weight)" in caplog.text
+    got = open_cache(res["path"]).load_numpy("pooled/embed").astype(np.float32)
+    np.testing.assert_allclose(got, _reference(hf["model"], hf["texts"], 128), rtol=2e-3, atol=2e-3)
