@@ -105,9 +105,12 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(), help="Backbone checkpoint (.ckpt, .pt/.pth, .safetensors, TorchScript).")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Backbone checkpoint (.ckpt, .pt/.pth, .safetensors, TorchScript) or a Hugging Face model folder.")
 @click.option("--backbone", default=None, help="A built-in backbone name (see `ftpipe list backbones`).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Extraction YAML (backbone + data).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), multiple=True,
+              help="Extraction YAML (backbone + data); repeat to merge several in order, e.g. the LightningCLI "
+                   "config a model was trained with (its model section is the backbone), then one with taps + data.")
 @click.option("--data", default=None, type=click.Path(), help="Input data; overrides the config's data.path.")
 @cache_root_option
 @click.option("--batch-size", type=int, default=None)
@@ -150,7 +153,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
         from pipeline.data import default_data_config
 
         overrides["data"] = cfg.merge(default_data_config(backbone=backbone, path=data), overrides.get("data", {}))
-    config = cfg.load(cfg.ExtractConfig, yaml_path=config_path, overrides=overrides)
+    config = cfg.load(cfg.ExtractConfig, yaml_path=list(config_path) or None, overrides=overrides)
     result = run_extract(
         config=config,
         checkpoint=Path(checkpoint),
@@ -158,13 +161,24 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
         force=force,
         wait=not no_wait,
         progress=not as_json and sys.stderr.isatty(),
-        config_dir=Path(config_path).resolve().parent if config_path else None,
+        config_dir=_class_path_dir(config_path),
         verify=verify,
     )
     if as_json:
         _emit_json(result.to_dict())
     else:
         click.echo(result.summary())
+
+
+def _class_path_dir(paths: tuple[str, ...]) -> Path | None:
+    """The folder of the last config that names the module (a model file next to its YAML is found)."""
+    from pipeline.config import read_yaml
+
+    for p in reversed(paths):
+        data = read_yaml(p)
+        if any(isinstance(data.get(k), dict) and data[k].get("class_path") for k in ("backbone", "model")):
+            return Path(p).resolve().parent
+    return Path(paths[0]).resolve().parent if paths else None
 
 
 def _parse_ratios(text: str | None) -> list[float] | None:

@@ -64,9 +64,21 @@ class DataConfig:
     split: str | None = "split"  # key / column holding train/val/test (names or codes 0/1/2)
     sample_id: str | None = None  # key / column of stable sample ids; default: row number
     options: dict[str, Any] = field(default_factory=dict)  # format- or family-specific reader options
+    text: str | None = None  # raw text column (parquet/csv), tokenized by the model's own tokenizer
+    tokenizer: str | None = None  # tokenizer folder; default: the checkpoint, when it is a Hugging Face folder
+    max_length: int | None = None  # tokens per text; default: the tokenizer's (and the model's) limit
+    truncate: bool = False  # cut longer texts to max_length (default: refuse them, naming how many)
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("arrays", "parquet"))
+        _check_choice("data.format", self.format, ("arrays", "parquet", "csv"))
+        if self.format == "csv" and not self.text:
+            raise ConfigError("data.format csv reads raw text: set data.text to the text column")
+        if not self.text and (self.tokenizer or self.max_length is not None or self.truncate):
+            raise ConfigError("data.tokenizer / max_length / truncate apply to raw text: set data.text to its column")
+        if self.text and self.format == "arrays":
+            raise ConfigError("data.text reads a text column: set data.format to parquet or csv")
+        if self.max_length is not None:
+            _check_positive("data.max_length", self.max_length)
         # `inputs: x` is the natural spelling for one input; store lists only
         for name in ("inputs", "targets"):
             value = getattr(self, name)
@@ -256,20 +268,64 @@ def build(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load(cls: type[C], *, yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
-    """defaults < YAML < overrides. Relative ``data.path`` in a YAML is made relative to the YAML file."""
+LIGHTNING_CLI_IGNORED = ("trainer", "optimizer", "lr_scheduler", "seed_everything", "ckpt_path", "data")
+
+
+def from_lightning_cli(data: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """A LightningCLI config (``model: {class_path, init_args}``, ``trainer:``, ...) -> an extraction
+    config's ``backbone`` section; the training-only sections (and ``data``, a LightningDataModule's)
+    are left out, so that the YAML a model was trained with can be passed to ``--config`` as it is."""
+    model = data.get("model")
+    if "backbone" in data or not isinstance(model, Mapping) or "class_path" not in model:
+        return data
+    import logging
+
+    unknown = sorted(set(model) - {"class_path", "init_args", "dict_kwargs"})
+    if unknown:
+        raise ConfigError(f"{source}: model section keys {unknown}; a LightningCLI model section has class_path and "
+                          "init_args")
+    out = {k: v for k, v in data.items() if k not in LIGHTNING_CLI_IGNORED and k != "model"}
+    out["backbone"] = {"class_path": model["class_path"], "init_args": dict(model.get("init_args") or {})}
+    dropped = [k for k in LIGHTNING_CLI_IGNORED if k in data]
+    if dropped:
+        logging.getLogger(__name__).info("%s: LightningCLI config; using its model section as the backbone, "
+                                         "ignoring %s", source, ", ".join(dropped))
+    return out
+
+
+def load(cls: type[C], *, yaml_path: str | Path | list[str | Path] | tuple | None = None,
+         overrides: Mapping[str, Any] | None = None) -> C:
+    """defaults < YAML < overrides. Relative ``data.path`` in a YAML is made relative to the YAML file.
+    Several YAML files (a list) are merged in order, later ones winning, as LightningCLI merges its
+    ``--config`` files; a LightningCLI training config contributes its ``model`` as the backbone."""
+    if isinstance(yaml_path, (list, tuple)):
+        paths = list(yaml_path)
+        if len(paths) > 1:
+            merged: dict[str, Any] = {}
+            for p in paths:
+                merged = merge(merged, _read_section(cls, p))
+            return build(cls, merge(merged, overrides or {}), source=" + ".join(map(str, paths)))
+        yaml_path = paths[0] if paths else None
     data: dict[str, Any] = {}
     source = "command line"
     if yaml_path is not None:
-        data = read_yaml(yaml_path)
+        data = _read_section(cls, yaml_path)
         source = str(yaml_path)
-        data_section = data.get("data")
-        if isinstance(data_section, dict) and data_section.get("path"):
-            p = Path(str(data_section["path"]))
-            if not p.is_absolute():
-                data_section["path"] = str((Path(yaml_path).parent / p).resolve())
     data = merge(data, overrides or {})
     return build(cls, data, source=source)
+
+
+def _read_section(cls: type, yaml_path: str | Path) -> dict[str, Any]:
+    data = read_yaml(yaml_path)
+    if cls is ExtractConfig:
+        data = from_lightning_cli(data, source=str(yaml_path))
+    data_section = data.get("data")
+    for key in ("path", "tokenizer"):
+        if isinstance(data_section, dict) and data_section.get(key):
+            p = Path(str(data_section[key]))
+            if not p.is_absolute():
+                data_section[key] = str((Path(yaml_path).parent / p).resolve())
+    return data
 
 
 def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _arrays_info(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprint: str,
-               code: dict[str, Any] | None = None) -> dict[str, Any]:
+               code: dict[str, Any] | None = None, tokenizer_digest: str | None = None) -> dict[str, Any]:
     """Everything that decides the bytes of the cache, and nothing that does not (batch size,
     workers, device, storage layout, the trust flag, paths). ``code``: a class_path module's source
     fingerprint (``pipeline.backbones.generic.class_source_record``)."""
@@ -87,6 +87,8 @@ def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprin
 
     data = to_dict(config.data)
     data.pop("path")  # moving the data must not change the key; its content fingerprint does
+    if data.get("text"):  # raw text: the tokenizer's files decide the ids (its folder's place does not)
+        data["tokenizer"] = tokenizer_digest
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "extractor": {"ftpipe": __version__, "extractor_version": EXTRACTOR_VERSION},
@@ -142,9 +144,27 @@ def _engine_specs(plan: Any) -> list[Any]:
     return specs
 
 
-def _build_backbone(*, config: ExtractConfig, hparams: dict[str, Any], plan: Any, config_dir: Path | None) -> Any:
+def _tokenizer_dir(config: ExtractConfig, checkpoint: Path) -> Path | None:
+    """Where raw text's tokenizer lives: data.tokenizer, else the Hugging Face checkpoint folder."""
+    if not config.data.text:
+        return None
+    if config.data.tokenizer:
+        return Path(config.data.tokenizer)
+    if checkpoint.is_dir():
+        return checkpoint
+    raise ConfigError(f"data.text needs a tokenizer: the checkpoint {checkpoint.name} is a file, not a Hugging Face "
+                      "folder holding one; set data.tokenizer: DIR (a folder with tokenizer.json)")
+
+
+def _build_backbone(*, config: ExtractConfig, hparams: dict[str, Any], plan: Any, config_dir: Path | None,
+                    checkpoint: Any = None) -> Any:
     from pipeline.registry import BACKBONES
 
+    if config.backbone.class_path and checkpoint is not None and checkpoint.format == "hf-folder":
+        from pipeline.backbones.hf import build_from_folder
+
+        return build_from_folder(config.backbone, checkpoint=checkpoint, plan=plan,
+                                 input_keys=list(config.data.inputs), config_dir=config_dir)
     if config.backbone.class_path:
         factory = BACKBONES.get("generic")
         return factory(config.backbone, hparams=hparams, plan=plan, input_keys=list(config.data.inputs),
@@ -160,7 +180,8 @@ def load_frozen_backbone(*, config: ExtractConfig, checkpoint: Path, plan: Any, 
 
     ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
     config_dir = Path(config_dir) if config_dir is not None else None
-    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=config_dir)
+    backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=config_dir,
+                               checkpoint=ckpt)
     name = config.backbone.name or str(config.backbone.class_path)
     init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
     report = load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
@@ -294,20 +315,32 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
 
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise CheckpointError(f"checkpoint not found: {checkpoint}" if not checkpoint.exists() else
-                              f"checkpoint {checkpoint} is not a file; pass the .ckpt/.pt/.safetensors file itself")
+    if not checkpoint.exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    if checkpoint.is_dir() and not (checkpoint / "config.json").is_file():
+        from pipeline.hf import read_folder
+
+        read_folder(checkpoint)  # says what the folder lacks
     cache_root = Path(cache_root)
     from pipeline.preflight import ensure_writable_dir
 
     ensure_writable_dir(cache_root, what="cache root", fix="pass --cache-root DIR (or set FTPIPE_CACHE) to a folder "
                         "you can write to")
+    tokenizer = _tokenizer_dir(config, checkpoint)
+    source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed,
+                       tokenizer_dir=tokenizer, model_dir=checkpoint if checkpoint.is_dir() else None)
 
-    source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
+        read_folder(checkpoint)  # says what the folder lacks
+    cache_root = Path(cache_root)
+    tokenizer = _tokenizer_dir(config, checkpoint)
+    source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed,
+                       tokenizer_dir=tokenizer, model_dir=checkpoint if checkpoint.is_dir() else None)
     plan = source.plan()
+    cache_root.mkdir(parents=True, exist_ok=True)
     record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=cache_root),
                         data_fingerprint=plan.fingerprint,
-                        code=class_code_record(config=config, config_dir=Path(config_dir) if config_dir else None))
+                        code=class_code_record(config=config, config_dir=Path(config_dir) if config_dir else None),
+                        tokenizer_digest=checkpoint_digest(tokenizer, memo_dir=cache_root) if tokenizer else None)
     key = make_key(record)
     path = cache_path(cache_root, key)
 

@@ -27,7 +27,9 @@ def test_yaml_opens_with_the_command_that_uses_it(path: Path):
 def test_yaml_validates(path: Path):
     section = path.relative_to(CONFIGS).parts[0]
     if section in ("backbones", "examples"):
-        config = cfg.load(cfg.ExtractConfig, yaml_path=path)
+        config = cfg.load(cfg.ExtractConfig, yaml_path=_configs_of_its_command(path))
+        if path.parent.name == "examples":
+            _check_class_path_imports(config, path.parent)
         from pipeline.registry import BACKBONES
 
         if config.backbone.name:
@@ -77,3 +79,37 @@ def test_selecting_on_test_is_refused():
 def test_single_input_may_be_a_string():
     c = cfg.build(cfg.DataConfig, {"inputs": "x", "targets": "label"})
     assert c.inputs == ["x"] and c.targets == ["label"]
+
+
+def _configs_of_its_command(path: Path) -> list[Path]:
+    """The --config files of the command a YAML opens with (LightningCLI-style pairs merge in order)."""
+    words = path.read_text().splitlines()[0].split()
+    root = CONFIGS.parent
+    named = [root / words[i + 1] for i, w in enumerate(words[:-1]) if w == "--config"]
+    return named if path in named and len(named) > 1 else [path]
+
+
+def _check_class_path_imports(config, folder: Path) -> None:
+    """An example's class_path resolves (a transformers class needs the hf extra)."""
+    if not config.backbone.class_path:
+        return
+    if config.backbone.class_path.startswith("transformers."):
+        pytest.importorskip("transformers")
+    if config.backbone.class_path.startswith("lightning_encoder."):
+        pytest.importorskip("lightning")
+    from pipeline.backbones.generic import import_class
+
+    assert isinstance(import_class(config.backbone.class_path, search_dirs=(folder,)), type)
+
+
+def test_lightning_cli_config_is_a_backbone_section(tmp_path: Path):
+    y = tmp_path / "trained.yaml"
+    y.write_text("model:\n  class_path: pkg.Lit\n  init_args: {hidden: 8}\ntrainer: {max_steps: 3}\n"
+                 "data: {class_path: pkg.DataModule}\noptimizer: {class_path: torch.optim.Adam}\n")
+    t = tmp_path / "taps.yaml"
+    t.write_text("backbone: {taps: {e: encoder}}\ndata: {path: d.npz, inputs: [x]}\n")
+    c = cfg.load(cfg.ExtractConfig, yaml_path=[y, t])
+    assert (c.backbone.class_path, c.backbone.init_args, c.backbone.taps) == ("pkg.Lit", {"hidden": 8}, {"e": "encoder"})
+    assert Path(c.data.path) == (tmp_path / "d.npz").resolve() and c.data.inputs == ["x"]
+    with pytest.raises(cfg.ConfigError, match="taps is empty"):
+        cfg.load(cfg.ExtractConfig, yaml_path=y)

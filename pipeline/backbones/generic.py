@@ -13,10 +13,13 @@ Notable features:
   with ``backbone.options.pool_mask`` naming an input that marks valid steps;
 - output shapes are learned by running the loaded model once on the first samples (``probe``);
   every tap is dense (B, *inner) and float outputs are stored in the configured dtype.
-The model is called as ``module(*[batch[k] for k in data.inputs])`` for arrays data. For Parquet
-data it gets one zero-padded ``(B, L, C)`` float tensor per ragged group, in ``data.options.groups``
-order, then ``scalars`` ``(B, K)`` when the data has non-list input columns; each group's ``(B, L)``
-validity mask is ``<group>/mask``, for ``backbone.options.pool_mask``.
+The model is called as ``module(**{k: batch[k] for k in inputs})`` when its ``forward`` names every
+input, else positionally, in order. Arrays data: ``inputs`` are ``data.inputs`` (integer arrays stay
+integer). Parquet data: one zero-padded ``(B, L, C)`` float tensor per named ragged group, in
+``data.options.groups`` order, then each list column of its own as ``(B, L)`` in its own dtype (int64
+for integers), then ``scalars`` ``(B, K)`` when the data has non-list input columns; each group's
+``(B, L)`` validity mask is ``<group>/mask``, for ``backbone.options.pool_mask``. Raw text
+(``data.text``): the tokenizer's outputs (``input_ids``, ``attention_mask``, ...), int64.
 """
 
 from __future__ import annotations
@@ -312,6 +315,11 @@ class GenericBackbone:
             raise ConfigError(f"backbone.options.pool_mask {mask_key!r} is not one of the inputs {input_keys} "
                               f"(or, for Parquet groups, {masks})")
         self.mask_key = mask_key
+        if mask_key is None and "attention_mask" in input_keys and any(m != "cls" for m in config.pooling.values()):
+            log.warning("backbone.pooling %s over token sequences without a mask: padding tokens are pooled in, so "
+                        "each text's features depend on its batch; set backbone.options.pool_mask: attention_mask",
+                        ", ".join(sorted(set(config.pooling.values()))))
+        self._by_name = _takes_by_name(module, input_keys)
         self._captured: dict[str, Any] = {}
         for path in sorted({t.module_path for t in self.taps if t.module_path}):
             # the last call wins when a submodule runs several times per forward
@@ -333,7 +341,7 @@ class GenericBackbone:
                 for k in self.input_keys]
         self._captured.clear()
         try:
-            result = self.module(*args)
+            result = self.module(**dict(zip(self.input_keys, args))) if self._by_name else self.module(*args)
         except Exception as exc:  # the user's forward: one line naming it and what it was given (-v: traceback)
             given = ", ".join(f"{k} {tuple(a.shape)}" if hasattr(a, "shape") else k for k, a in zip(self.input_keys, args))
             raise ConfigError(f"backbone.class_path {self.config.class_path!r}: forward({given}) failed: "
@@ -421,12 +429,28 @@ def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any,
         raise ConfigError(f"backbone.class_path {config.class_path!r}: {cls.__name__}"
                           f"({', '.join(f'{k}=...' for k in init_args)}) failed: {_exc_line(exc)}; "
                           "fix backbone.init_args (ftpipe -v extract ... shows the traceback)") from exc
+    return GenericBackbone(module=module, config=config, input_keys=model_input_keys(plan, input_keys),
+                           init_args=init_args)
+
+
+def model_input_keys(plan: Any, input_keys: list[str] | None) -> list[str]:
+    """The batch keys a class_path module receives, in order."""
     meta = plan.meta if plan is not None else {}
+    if "model_inputs" in meta:  # raw text: the tokenizer's outputs (input_ids, attention_mask, ...)
+        return list(meta["model_inputs"])
     if "groups" in meta:  # Parquet: one padded tensor per ragged group, then the dense scalars
-        keys = list(meta["groups"]) + (["scalars"] if meta.get("scalars") else [])
-    else:
-        keys = input_keys if input_keys is not None else list((meta.get("inputs") or {"x": None}).keys())
-    return GenericBackbone(module=module, config=config, input_keys=keys, init_args=init_args)
+        return list(meta["groups"]) + (["scalars"] if meta.get("scalars") else [])
+    return input_keys if input_keys is not None else list((meta.get("inputs") or {"x": None}).keys())
+
+
+def _takes_by_name(module: Any, keys: list[str]) -> bool:
+    """True when ``forward``'s signature names every input: then inputs go in as keyword arguments."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return bool(keys) and all(k in named for k in keys)
 
 
 def _pad_groups(batch: dict[str, Any], keys: list[str]) -> None:

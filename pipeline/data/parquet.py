@@ -13,14 +13,15 @@ Data section (``DataConfig`` with ``format: parquet``)::
         hit_truth: [hit_particle]
 
 A list column of ``inputs`` not named in any group is a group of its own (named after the
-column); non-list input columns form the dense ``scalars`` part.
+column) whose values keep their kind: int64 for integer columns (token ids, masks), else float32,
+one value per row (``(M_i,)``, not ``(M_i, 1)``); non-list input columns form the dense ``scalars`` part.
 
 Planning reads, per row group, only the narrowest column of each group and keeps its list offsets
 (the values are decoded into Arrow memory by pyarrow but never converted or copied), so ragged
 lengths are known before any backbone runs. That every column of a group has the same lengths is
 checked when the row group is decoded for the dataset (a ``DataError`` naming column and row).
 
-Items and batches (all floats are float32; integer fields are cast, nulls become NaN):
+Items and batches (named groups and scalars are float32, integer fields cast, nulls NaN; lone list columns as above):
 - ``dataset()[i] = {"index": i, "<group>": ndarray (M_i, C_group), "scalars": ndarray (K,)}``
 - ``collate(items) = {"index": LongTensor (B,), "<group>": FloatTensor (sum M_i, C),
   "<group>/lengths": LongTensor (B,), "scalars": FloatTensor (B, K)}`` - ragged groups are flat
@@ -141,6 +142,18 @@ def _names_corruption(method: Any) -> Any:
     return wrapper
 
 
+def _to_native(values: Any) -> np.ndarray:
+    """A list column's values in their own kind: integers as int64 (token ids, masks), the rest float32."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(values.type) or pa.types.is_boolean(values.type):
+        if values.null_count:
+            raise DataError(f"an integer list column holds {values.null_count} null value(s); fill them "
+                            "(e.g. with the padding id)")
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return _to_float(values)
+
+
 class ParquetSource:
     """DataSource over Parquet files with one row per sample (see the module docstring)."""
 
@@ -182,12 +195,14 @@ class ParquetSource:
             groups[str(group)] = cols
         grouped = {c for cols in groups.values() for c in cols}
         scalars: list[str] = []
+        self.native: set[str] = set()  # list columns of their own: (total,) values in their own dtype
         for c in config.inputs:
             if c in grouped:
                 continue
             t = schema.field(c).type
             if pa.types.is_list(t) or pa.types.is_large_list(t):
                 groups[c] = [c]
+                self.native.add(c)
             else:
                 scalars.append(c)
         if SCALARS in groups:
@@ -344,7 +359,7 @@ class ParquetSource:
         for group, cols in self.groups.items():
             parts = [it[group] for it in items]
             flat = np.concatenate(parts, axis=0) if parts else np.zeros((0, len(cols)), np.float32)
-            batch[group] = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+            batch[group] = torch.from_numpy(np.ascontiguousarray(flat))
             batch[f"{group}/lengths"] = torch.as_tensor([len(p) for p in parts], dtype=torch.int64)
         if self.scalars:
             batch[SCALARS] = torch.from_numpy(np.stack([it[SCALARS] for it in items]).astype(np.float32))
@@ -372,8 +387,11 @@ class ParquetSource:
                         f"{ref.file}: row {ref.start + bad}: column {c!r} has {int(np.diff(off)[bad])} entries but "
                         f"{cols[0]!r} has {int(np.diff(offsets)[bad])}; columns of group {group!r} must match"
                     )
-                values.append(_to_float(col.flatten()))
+                values.append(_to_native(col.flatten()) if group in self.native else _to_float(col.flatten()))
             assert offsets is not None
+            if group in self.native:
+                out[group] = (values[0], offsets)
+                continue
             out[group] = (np.stack(values, axis=1) if values else np.zeros((0, 0), np.float32), offsets)
         if self.scalars:
             out[SCALARS] = np.stack([_to_float(table.column(c)) for c in self.scalars], axis=1)
