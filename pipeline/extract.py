@@ -329,12 +329,6 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     tokenizer = _tokenizer_dir(config, checkpoint)
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed,
                        tokenizer_dir=tokenizer, model_dir=checkpoint if checkpoint.is_dir() else None)
-
-        read_folder(checkpoint)  # says what the folder lacks
-    cache_root = Path(cache_root)
-    tokenizer = _tokenizer_dir(config, checkpoint)
-    source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed,
-                       tokenizer_dir=tokenizer, model_dir=checkpoint if checkpoint.is_dir() else None)
     plan = source.plan()
     cache_root.mkdir(parents=True, exist_ok=True)
     record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=cache_root),
