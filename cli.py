@@ -295,16 +295,42 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
 @main.command()
 @runs_dir_option
 @click.option("--cache", "cache_key", default=None, help="Only runs on this cache key (prefix).")
-@click.option("--sweep", "sweep_id", default=None, help="Only runs of this sweep.")
-@click.option("--sort", default=None, help="Metric column to rank by [default: the selection metric on val].")
-@click.option("--top", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
-    """Leaderboard of recorded runs."""
-    from pipeline.results import format_leaderboard, leaderboard
+@click.option("--sweep", "sweep_ids", multiple=True, help="Only runs of this sweep (id or prefix; repeatable).")
+@click.option("--run", "run_ids", multiple=True, help="Only this run (id or prefix; repeatable).")
+@click.option("--target", "targets", multiple=True, help="Only runs learning this target (repeatable).")
+@click.option("--sort", default=None,
+              help="Metric to rank by, with or without split prefix (auroc, test_mse) [default: per task: auroc, "
+                   "logres68 for positive regression targets, else r2].")
+@click.option("--top", type=int, default=None, help="Show the best N configurations per section [default: all].")
+@click.option("--across-caches", is_flag=True, help="One section per (target, task) ranking every cache together.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Output format (json: the same object as --json).")
+@click.option("--to-mlflow", "mlflow_uri", default=None, metavar="URI",
+              help="Also log every listed run to this MLflow tracking store (file:/path or http://server); "
+                   "idempotent. Needs the mlflow extra.")
+@json_option
+def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_caches, fmt, mlflow_uri, as_json):
+    """Leaderboards of recorded runs: one ranked table per problem (cache, target, task)."""
+    from pipeline.results import format_sections, sections, select
 
-    rows = leaderboard(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_id=sweep_id, sort=sort, top=top)
-    click.echo(format_leaderboard(rows, fmt=fmt))
+    table = select(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_ids=sweep_ids, run_ids=run_ids,
+                   targets=targets)
+    secs = sections(table=table, sort=sort, top=top, by_cache=not across_caches)
+    logged = None
+    if mlflow_uri:
+        from pipeline.mlflow_export import log_runs
+
+        logged = log_runs(table=table, runs_dir=Path(runs_dir), uri=mlflow_uri)
+    if as_json or fmt == "json":
+        out = json.loads(format_sections(secs, fmt="json", where=Path(runs_dir)))
+        if logged is not None:
+            out["mlflow"] = logged
+        _emit_json(out)
+        return
+    click.echo(format_sections(secs, fmt=fmt, where=Path(runs_dir).resolve()))
+    if logged is not None:
+        click.echo(f"mlflow: {logged['logged']} run(s) logged, {logged['skipped']} already there "
+                   f"(experiment {logged['experiment']!r} at {logged['uri']})", err=True)
 
 
 @main.command()
