@@ -489,7 +489,8 @@ class Section:
         cache = f"cache {str(self.cache_key)[:12]}, " if self.cache_key is not None else ""
         by = f"by {self.metric} ({'higher' if higher_is_better(self.metric) else 'lower'} is better)" \
             if self.metric else "unranked"
-        return f"{self.target} ({self.task}; {cache}{len(self.rows)} configurations, {by})" + \
+        n = len(self.rows)
+        return f"{self.target} ({self.task}; {cache}{n} configuration{'s' if n != 1 else ''}, {by})" + \
             (f" [{self.note}]" if self.note else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -515,13 +516,22 @@ def hyperparameters(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def varying_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys whose value differs between ``rows`` (absent counts as a value: mlp's ``hidden`` vs linear)."""
-    hypers = [hyperparameters(r) for r in rows]
+    """Keys whose value differs between ``rows``. A key only some heads have (mlp's ``hidden``, the trainer's
+    ``lr`` next to LightGBM) varies when its values differ where it is present, or when rows of one head
+    differ in having it set at all."""
+    hypers = [(str(r.get("arch")), hyperparameters(r)) for r in rows]
     keys: list[str] = []
-    for h in hypers:
+    for _, h in hypers:
         keys += [k for k in h if k not in keys]
-    return [k for k in keys
-            if len({json.dumps(h.get(k), sort_keys=True, default=str) for h in hypers}) > 1]
+    out = []
+    for k in keys:
+        values = {json.dumps(h[k], sort_keys=True, default=str) for _, h in hypers if k in h}
+        per_arch: dict[str, set[bool]] = {}
+        for arch, h in hypers:
+            per_arch.setdefault(arch, set()).add(k in h)
+        if len(values) > 1 or any(len(v) > 1 for v in per_arch.values()):
+            out.append(k)
+    return out
 
 
 def short_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
@@ -582,7 +592,7 @@ def section_table(section: Section) -> tuple[list[str], list[list[Any]]]:
             v, s = r.get(m), r.get(f"{m}_std")
             from pipeline.table import cell
 
-            line.append(cell(v) + (f" ± {cell(s)}" if (r.get("n_runs") or 1) > 1 and s is not None else ""))
+            line.append(cell(v) + (f" ± {s:.2g}" if (r.get("n_runs") or 1) > 1 and s is not None else ""))
         line.append(str(r.get("config_id"))[:8])
         cells.append(line)
     return header, cells

@@ -354,11 +354,12 @@ class SweepResult:
                 several = (g.get("n_runs") or 1) > 1
                 cell = lambda m: (f"{g[m]:.4g}" + (f" ± {g.get(m + '_std', 0):.2g}" if several else "")  # noqa: E731
                                   if isinstance(g.get(m), float) else "")
-                label = re.sub(r"_seed\d+-[0-9a-f]+$", "", (g.get("run_ids") or [str(g.get("arch"))])[0])
+                label = g.get("label") or str(g.get("arch"))
                 table.append([str(g["rank"]), label, str(g.get("cache_key"))[:8], str(g.get("n_runs")), cell(metric),
                               cell(test)])
-            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+            from pipeline.table import format_table
+
+            lines.append(format_table(table[0], table[1:]))
             if len(self.leaderboard) > top:
                 lines.append(f"... {len(self.leaderboard) - top} more: ftpipe results --sweep {self.sweep_id}")
         lines.append(f"record: {self.record}   report: ftpipe report --sweep {self.sweep_id} --out report/")
