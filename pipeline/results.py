@@ -270,15 +270,17 @@ def select(*, runs_dir: Path, cache_key: str | None = None, sweep_ids: Sequence[
                           "`ftpipe sweep --runs-dir {runs_dir}`".replace("{runs_dir}", str(runs_dir)))
     mask = pa.array([True] * table.num_rows)
     all_ids = table.column("run_id").to_pylist()
-    if sweep_ids:
-        sweeps = resolve_prefixes(sweep_ids, known_sweeps(runs_dir=runs_dir, table=table), what="sweep",
-                                  where=runs_dir / "sweeps")
-        members = set(sweep_run_ids(runs_dir=runs_dir, sweep_ids=sweeps))
-        tagged = table.column("sweep_id").to_pylist() if "sweep_id" in table.column_names else [None] * len(all_ids)
-        mask = pc.and_(mask, pa.array([r in members or s in sweeps for r, s in zip(all_ids, tagged)]))
-    if run_ids:
-        runs = set(resolve_prefixes(run_ids, all_ids, what="run", where=where))
-        mask = pc.and_(mask, pa.array([r in runs for r in all_ids]))
+    if sweep_ids or run_ids:  # ids name runs: the runs of the sweeps given plus the runs given
+        chosen: set[str] = set()
+        if sweep_ids:
+            sweeps = resolve_prefixes(sweep_ids, known_sweeps(runs_dir=runs_dir, table=table), what="sweep",
+                                      where=runs_dir / "sweeps")
+            members = set(sweep_run_ids(runs_dir=runs_dir, sweep_ids=sweeps))
+            tagged = table.column("sweep_id").to_pylist() if "sweep_id" in table.column_names else [None] * len(all_ids)
+            chosen |= {r for r, s in zip(all_ids, tagged) if r in members or s in sweeps}
+        if run_ids:
+            chosen |= set(resolve_prefixes(run_ids, all_ids, what="run", where=where))
+        mask = pc.and_(mask, pa.array([r in chosen for r in all_ids]))
     if cache_key:
         keys = [str(k or "") for k in table.column("cache_key").to_pylist()]
         resolve_prefixes([cache_key], keys, what="cache key", where=where)
