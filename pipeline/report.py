@@ -202,7 +202,7 @@ def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path, *, varying
         numeric = all(_is_number(v) for v, _, _ in pts)
         if numeric:
             xs = sorted({float(v) for v, _, _ in pts})
-            if xs[0] > 0 and xs[-1] / xs[0] >= 20:
+            if xs[0] > 0 and xs[-1] / xs[0] >= 10:
                 ax.set_xscale("log")  # lr, weight decay: a log grid
         else:
             cats = sorted({json.dumps(v, default=str) for v, _, _ in pts})
@@ -609,7 +609,7 @@ def write_report(*, runs_dir: Path, out: Path, sweep_ids: Sequence[str] = (), ru
         sweeps = resolve_prefixes(sweeps, known_sweeps(runs_dir=runs_dir, table=read_table(runs_dir=runs_dir)),
                                   what="sweep", where=runs_dir / "sweeps")
     title = (f"ftpipe report: sweep {', '.join(sweeps)}" if sweeps else
-             f"ftpipe report: {runs_dir.name or runs_dir} ({len(runs)} runs)")
+             f"ftpipe report: {len(runs)} runs in {runs_dir}")
     intro = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">{len(runs)} runs' + (f" in {len(problems)} problems (target, task): " + ", ".join(
                  f'<a href="#{html.escape(_prefix(p).rstrip("_"))}">{html.escape(p.target)} ({p.task})</a>'
