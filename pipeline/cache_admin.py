@@ -90,7 +90,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"key       {info['key']}",
         f"path      {info['path']}",
-        f"status    {info['status']} ({info['units_committed']}/{info['units']} units of {info['unit_rows']} samples)",
+        f"status    {info['status']} ({info['units_committed']} of {info['units']} write units done; a unit holds up "
+        f"to {info['unit_rows']} samples)",
         f"samples   {info['n_samples']}"
         + (" (" + ", ".join(f"{k} {v}" for k, v in info["splits"].items()) + ")" if info["splits"] else ""),
     ]

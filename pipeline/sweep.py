@@ -503,7 +503,8 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
             if not plan.todo:
                 continue  # nothing left on this cache: do not even load it
             _run_cache(plan=plan, spec=spec, runs_dir=runs_dir, device=device, strategy=strategy, sweep_id=sweep_id,
-                       record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1)))
+                       record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1),
+                                                               _show_metric(bar, run)))
         record["status"] = "complete"
     except BaseException:
         record["status"] = "interrupted"  # rerun the same command: recorded runs are skipped
@@ -519,6 +520,17 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
                        failed=tuple(record["failed"]),
                        caches=tuple(record["caches"]), groups=tuple(record["groups"]),
                        seconds=time.perf_counter() - t_start, leaderboard=tuple(board))
+
+
+def _show_metric(bar: Any, run: Any) -> None:
+    """The finished run's ranking metric on the sweep's progress bar (``mlp2 val_auroc 0.912``)."""
+    from pipeline.results import default_metric
+
+    row = {f"{split}_{k}": float(v) for split, ms in run.metrics.items() for k, v in ms.items()
+           if isinstance(v, (int, float))}
+    metric = default_metric([row], task=run.task)
+    if metric is not None:
+        bar.set_postfix_str(f"{run.arch} {metric} {row[metric]:.4g}", refresh=False)
 
 
 def _now() -> str:
