@@ -163,3 +163,37 @@ def test_mlflow_round_trip_is_idempotent(runs, tmp_path):
     assert "config.yaml" in [a.path for a in client.list_artifacts(best.info.run_id)]
     gbm = client.search_runs([exp.experiment_id], filter_string="params.arch = 'lightgbm'")
     assert len(gbm) == 1 and "lr" not in gbm[0].data.params  # params the family uses, not trainer defaults
+
+
+def test_report_takes_the_same_selection_and_prints_json(runs, tmp_path):
+    r = CliRunner()
+    res = r.invoke(main, ["report", "--runs-dir", str(runs), "--sweep", "nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "error: no sweep 'nope'" in res.output and not (tmp_path / "x").exists()
+    out = _json(r.invoke(main, ["report", "--runs-dir", str(runs), "--sweep", "track-valid", "--out",
+                                str(tmp_path / "rep"), "--json"]))
+    assert out["report"] == str(tmp_path / "rep" / "index.html")
+    assert [Path(f).name for f in out["figures"]] == ["leaderboard.png", "learning_curves.png"]
+    assert "ftpipe report: sweep track-valid-22222222" in Path(out["report"]).read_text()
+
+
+def test_fields_added_to_the_row_later_show_when_they_vary(tmp_path):
+    """A recorded field the leaderboard code does not know (the trainer's `converged`) is a column when it
+    differs between configurations, and a mixed value across seeds is shown, not hidden."""
+    runs = tmp_path / "runs"
+    for seed, conv in ((0, True), (1, False)):
+        cfg = TrainConfig(arch="mlp2", seed=seed, params={"hidden": 8})
+        cid = config_id(config=cfg, cache_key="k")
+        row = results_row(run_id=f"a{seed}", config_id=cid, config=cfg, cache_key="k", target="y", task="classify",
+                          select_split="val", sweep_id=None, created="2026-01-01T00:00:00Z", seconds=1.0,
+                          metrics={"val": {"auroc": 0.8 + seed / 100}}, run_dir=runs / f"a{seed}")
+        write_results_row(runs_dir=runs, run_id=f"a{seed}", row={**row, "converged": conv})
+    cfg = TrainConfig(arch="mlp2", params={"hidden": 16})
+    row = results_row(run_id="b", config_id=config_id(config=cfg, cache_key="k"), config=cfg, cache_key="k",
+                      target="y", task="classify", select_split="val", sweep_id=None, created="2026-01-01T00:00:00Z",
+                      seconds=1.0, metrics={"val": {"auroc": 0.9}}, run_dir=runs / "b")
+    write_results_row(runs_dir=runs, run_id="b", row={**row, "converged": True})
+    sec = _json(CliRunner().invoke(main, ["results", "--runs-dir", str(runs), "--json"]))["sections"][0]
+    assert sec["varying"] == ["hidden", "converged"]
+    assert [(r["params"]["hidden"], r["converged"]) for r in sec["rows"]] == [(16, True), (8, [False, True])]
+    text = CliRunner().invoke(main, ["results", "--runs-dir", str(runs)]).output
+    assert "converged" in text and "false,true" in text
