@@ -63,7 +63,7 @@ def _recorded(client: Any, experiment_id: str) -> set[str]:
 def log_runs(*, table: Any, runs_dir: Path, uri: str, experiment: str = "ftpipe") -> dict[str, Any]:
     """Log every row of ``table`` (results rows) to the MLflow store at ``uri``; returns counts and ids."""
     import pyarrow.parquet as pq
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     from pipeline.results import _is_metric, _prepare, hyperparameters
 
