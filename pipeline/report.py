@@ -455,9 +455,9 @@ def _table(header: list[str], rows: list[list[str]], *, caption: str = "") -> st
     """A sortable, filterable table (see SCRIPT): a filter box, then the table; cells are HTML already."""
     head = "".join(f'<th title="sort">{html.escape(h)}</th>' for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    cap = f"<caption>{caption}</caption>" if caption else ""
-    return (f'<div class="tablewrap"><input class="filter" type="search" placeholder="filter rows" '
-            f'aria-label="filter rows"><table class="sortable">{cap}<thead><tr>{head}</tr></thead>'
+    cap = f'<p class="note">{caption}</p>' if caption else ""  # outside the table: wraps at the page width
+    return (f'<div class="tablewrap">{cap}<input class="filter" type="search" placeholder="filter rows" '
+            f'aria-label="filter rows"><table class="sortable"><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table></div>")
 
 
@@ -469,7 +469,7 @@ CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px;col
 .tablewrap{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3;cursor:pointer;user-select:none}th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
-caption{text-align:left;font-size:12px;color:#555;padding:2px 0}input.filter{font-size:12px;margin:2px 0;width:16em}
+input.filter{font-size:12px;margin:2px 0;width:16em}
 img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:12px;color:#555}
 code{background:#f3f3f3;padding:0 3px}.note{color:#555;font-size:13px}"""
 
