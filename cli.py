@@ -90,9 +90,9 @@ def stats_options(f):
     return f
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="ftpipe")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).", show_default=False)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -113,8 +113,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                    "config a model was trained with (its model section is the backbone), then one with taps + data.")
 @click.option("--data", default=None, type=click.Path(), help="Input data; overrides the config's data.path.")
 @cache_root_option
-@click.option("--batch-size", type=int, default=None)
-@click.option("--num-workers", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Samples per backbone forward pass [default: the config's, 64].")
+@click.option("--num-workers", type=int, default=None, help="DataLoader worker processes [default: the config's, 0].")
 @device_option
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="Storage dtype of float features.")
 @click.option("--split-ratios", default=None, help="train,val,test ratios when the data has no split column, e.g. 0.8,0.1,0.1.")
@@ -207,11 +207,12 @@ def cache_ls(cache_root, as_json):
     """List caches under the cache root."""
     from pipeline import cache_admin
 
-    rows = cache_admin.list_rows(root=_cache_root(cache_root))
+    root = _cache_root(cache_root)
+    rows = cache_admin.list_rows(root=root)
     if as_json:
-        _emit_json(rows)
+        _emit_json({"root": str(root), "caches": rows})
     else:
-        click.echo(cache_admin.format_rows(rows))
+        click.echo(cache_admin.format_rows(rows, root=root))
 
 
 @cache.command("info")
@@ -229,12 +230,16 @@ def cache_info(ref, cache_root, as_json):
 @cache.command("verify")
 @click.argument("ref")
 @cache_root_option
-def cache_verify(ref, cache_root):
+@json_option
+def cache_verify(ref, cache_root, as_json):
     """Recompute checksums; name corrupted units. Exit 1 when anything is wrong."""
     from pipeline import cache_admin
 
     report = cache_admin.verify(ref=ref, root=_cache_root(cache_root))
-    click.echo("ok" if report.ok else "\n".join(report.problems))
+    if as_json:
+        _emit_json({"ref": ref, "ok": bool(report.ok), "problems": list(report.problems)})
+    else:
+        click.echo("ok" if report.ok else "\n".join(report.problems))
     if not report.ok:
         sys.exit(1)
 
@@ -242,11 +247,16 @@ def cache_verify(ref, cache_root):
 @cache.command("rm")
 @click.argument("ref")
 @cache_root_option
-def cache_rm(ref, cache_root):
+@json_option
+def cache_rm(ref, cache_root, as_json):
     """Remove a cache."""
     from pipeline import cache_admin
 
-    click.echo(f"removed {cache_admin.remove(ref=ref, root=_cache_root(cache_root))}")
+    removed = cache_admin.remove(ref=ref, root=_cache_root(cache_root))
+    if as_json:
+        _emit_json({"removed": str(removed)})
+    else:
+        click.echo(f"removed {removed}")
 
 
 # ---------------------------------------------------------------- data and stage one
@@ -256,21 +266,25 @@ def cache_rm(ref, cache_root):
 @click.argument("kind")
 @click.option("--out", required=True, type=click.Path(), help="Output file (.parquet for tracks/icu, .npz for images).")
 @click.option("--n", "n", type=int, default=None, help="Number of samples [family default].")
-@click.option("--seed", type=int, default=0, show_default=True)
-def make_data(kind, out, n, seed):
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the generator.")
+@json_option
+def make_data(kind, out, n, seed, as_json):
     """Write a synthetic dataset: tracks, icu or images."""
     from pipeline.data import generate
 
     path = generate(kind=kind, out=Path(out), n=n, seed=seed)
-    click.echo(str(path))
+    if as_json:
+        _emit_json({"kind": kind, "path": str(path), "n": n, "seed": seed})
+    else:
+        click.echo(str(path))
 
 
 @main.command()
 @click.option("--backbone", required=True, help="Built-in backbone to train (stage one).")
-@click.option("--data", required=True, type=click.Path(exists=True))
-@click.option("--epochs", type=int, default=None)
+@click.option("--data", required=True, type=click.Path(exists=True), help="Training data (from `ftpipe make-data`).")
+@click.option("--epochs", type=int, default=None, help="Training epochs [default: the backbone family's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Lightning-style .ckpt to write.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (weights, batches).")
 @click.option("--set", "sets", multiple=True, help="Backbone init arg, key=value (repeatable).")
 @device_option
 @json_option
@@ -300,15 +314,17 @@ def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
 
 @main.command("train-head")
 @click.option("--cache", "cache_ref", required=True, help="Cache key, key prefix or path.")
-@click.option("--arch", default=None, help="Head name (see `ftpipe list heads`).")
+@click.option("--arch", default=None,
+              help="Head name (see `ftpipe list heads`). [required unless the --config YAML names it]")
 @click.option("--target", default=None, help="targets/<name> to learn [default: the only target].")
-@click.option("--task", type=click.Choice(["classify", "regress"]), default=None)
+@click.option("--task", type=click.Choice(["classify", "regress"]), default=None,
+              help="[default: the head's only task, else from the target's dtype]")
 @click.option("--set", "sets", multiple=True, help="Head hyperparameter key=value (repeatable).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Head YAML.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--epochs", type=int, default=None, help="Training epochs (SGD heads) [default: 50].")
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (SGD heads) [default: 0.001].")
+@click.option("--batch-size", type=int, default=None, help="Rows per optimizer step (SGD heads) [default: 256].")
+@click.option("--seed", type=int, default=None, help="Random seed [default: 0].")
 @device_option
 @cache_root_option
 @runs_dir_option
@@ -356,29 +372,65 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
 @main.command()
 @runs_dir_option
 @click.option("--cache", "cache_key", default=None, help="Only runs on this cache key (prefix).")
-@click.option("--sweep", "sweep_id", default=None, help="Only runs of this sweep.")
-@click.option("--sort", default=None, help="Metric column to rank by [default: the selection metric on val].")
-@click.option("--top", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--sweep", "sweep_ids", multiple=True, help="Only runs of this sweep (id or prefix; repeatable).")
+@click.option("--run", "run_ids", multiple=True, help="Only this run (id or prefix; repeatable).")
+@click.option("--target", "targets", multiple=True, help="Only runs learning this target (repeatable).")
+@click.option("--sort", default=None,
+              help="Metric to rank by, with or without split prefix (auroc, test_mse) [default: per task: auroc, "
+                   "logres68 for positive regression targets, else r2].")
+@click.option("--top", type=int, default=None, help="Show the best N configurations per section [default: all].")
+@click.option("--across-caches", is_flag=True, help="One section per (target, task) ranking every cache together.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Output format (json: the same object as --json).")
+@click.option("--to-mlflow", "mlflow_uri", default=None, metavar="URI",
+              help="Also log every listed run to this MLflow tracking store (file:/path or http://server); "
+                   "idempotent. Needs the mlflow extra.")
 @click.option("--ci", is_flag=True, help="Add a bootstrap confidence interval (test rows) and the seed std per row.")
 @click.option("--vs", "vs_ref", default=None, help="Add each row's paired difference to this run / config id.")
 @stats_options
-def results(runs_dir, cache_key, sweep_id, sort, top, fmt, ci, vs_ref, split, level, n_boot, boot_seed):
-    """Leaderboard of recorded runs."""
-    from pipeline.results import format_leaderboard, leaderboard
+@json_option
+def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_caches, fmt, mlflow_uri,
+            ci, vs_ref, split, level, n_boot, boot_seed, as_json):
+    """Leaderboards of recorded runs: one ranked table per problem (cache, target, task)."""
+    from pipeline.results import format_sections, sections, select
 
-    rows = leaderboard(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_id=sweep_id, sort=sort, top=top)
+    table = select(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_ids=sweep_ids, run_ids=run_ids,
+                   targets=targets)
+    secs = sections(table=table, sort=sort, top=top, by_cache=not across_caches)
     if ci or vs_ref:
         from pipeline import compare as C
 
         opts = {"runs_dir": Path(runs_dir), "split": split, "n_boot": n_boot, "seed": boot_seed, "level": level}
-        extra = [C.ci_columns(rows, **opts) if ci else [{}] * len(rows),
-                 C.vs_columns(rows, ref=vs_ref, **opts) if vs_ref else [{}] * len(rows)]
-        rows = [{**r, **e1, **e2} for r, e1, e2 in zip(rows, *extra)]
-        if fmt == "table":
-            click.echo(C.format_stats_table(rows, split=split, level=level, ref=vs_ref))
-            return
-    click.echo(format_leaderboard(rows, fmt=fmt))
+        for s in secs:  # each section's ranking metric is the one its intervals are drawn for
+            metric = s.metric.split("_", 1)[1] if s.metric and s.metric.split("_", 1)[0] in ("train", "val", "test") \
+                else s.metric
+            extra = [C.ci_columns(s.rows, metric=metric, **opts) if ci else [{}] * len(s.rows),
+                     C.vs_columns(s.rows, ref=vs_ref, metric=metric, **opts) if vs_ref else [{}] * len(s.rows)]
+            for r, e1, e2 in zip(s.rows, *extra):
+                r.update({**e1, **e2, "stats_metric": metric})
+    logged = None
+    if mlflow_uri:
+        from pipeline.mlflow_export import log_runs
+
+        logged = log_runs(table=table, runs_dir=Path(runs_dir), uri=mlflow_uri)
+    if as_json or fmt == "json":
+        out = json.loads(format_sections(secs, fmt="json", where=Path(runs_dir)))
+        if logged is not None:
+            out["mlflow"] = logged
+        _emit_json(out)
+        return
+    if (ci or vs_ref) and fmt == "table":
+        from pipeline import compare as C
+
+        click.echo(f"runs under {Path(runs_dir).resolve()}")
+        for s in secs:
+            click.echo(f"\n== {s.title}\n" + C.format_stats_table(s.rows, split=split, level=level, ref=vs_ref,
+                                                                 metric=s.rows[0].get("stats_metric") if s.rows else None))
+    else:
+        click.echo(format_sections(secs, fmt=fmt, where=Path(runs_dir).resolve()))
+    if logged is not None:
+        click.echo(f"mlflow: {logged['logged']} run(s) logged, {logged['skipped']} already there "
+                   f"(experiment {logged['experiment']!r} at {logged['uri']})", err=True)
 
 
 @main.command()
@@ -409,9 +461,10 @@ def compare(run_a, run_b, metric, split, level, n_boot, boot_seed, runs_dir, cac
 @click.option("--arch", default=None, help="Comma-separated head names.")
 @click.option("--set", "sets", multiple=True, help="Grid axis key=v1,v2,... (repeatable).")
 @click.option("--seeds", type=int, default=None, help="Seeds per configuration (0..N-1); the leaderboard shows mean ± std.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--target", default=None)
-@click.option("--task", type=click.Choice(["classify", "regress"]), default=None)
+@click.option("--epochs", type=int, default=None, help="Training epochs of every configuration [default: the YAML's, else 50].")
+@click.option("--target", default=None, help="targets/<name> to learn [default: the only target].")
+@click.option("--task", type=click.Choice(["classify", "regress"]), default=None,
+              help="[default: the head's only task, else from the target's dtype]")
 @click.option("--strategy", type=click.Choice(["auto", "stacked", "in-turn"]), default="auto", show_default=True,
               help="Train same-shaped heads stacked (vmap) or one at a time; auto measures.")
 @device_option
@@ -452,16 +505,24 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
 
 
 @main.command()
-@click.option("--sweep", "sweep_id", default=None)
-@click.option("--run", "run_ids", multiple=True)
+@click.option("--sweep", "sweep_ids", multiple=True, help="Only runs of this sweep (id or prefix; repeatable).")
+@click.option("--run", "run_ids", multiple=True, help="Only this run (id or prefix; repeatable).")
+@click.option("--cache", "cache_key", default=None, help="Only runs on this cache key (prefix).")
+@click.option("--target", "targets", multiple=True, help="Only runs learning this target (repeatable).")
 @runs_dir_option
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def report(sweep_id, run_ids, runs_dir, out):
-    """Write OUT/index.html (leaderboard, curves, ROC/PR or residuals) with PNGs in OUT/figures/, linked relatively."""
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write index.html and figures/ into.")
+@json_option
+def report(sweep_ids, run_ids, cache_key, targets, runs_dir, out, as_json):
+    """Write OUT/index.html over every run in --runs-dir (or the filtered ones): one section per problem, with
+    sortable, filterable tables and PNG figures in OUT/figures/, linked relatively."""
     from pipeline.report import write_report
 
-    path = write_report(sweep_id=sweep_id, run_ids=list(run_ids), runs_dir=Path(runs_dir), out=Path(out))
-    click.echo(str(path))
+    path = write_report(sweep_ids=list(sweep_ids), run_ids=list(run_ids), runs_dir=Path(runs_dir), out=Path(out),
+                        cache_key=cache_key, targets=list(targets))
+    if as_json:
+        _emit_json({"report": str(path), "figures": sorted(str(p) for p in (path.parent / "figures").glob("*.png"))})
+    else:
+        click.echo(str(path))
 
 
 # ---------------------------------------------------------------- misc
@@ -469,22 +530,36 @@ def report(sweep_id, run_ids, runs_dir, out):
 
 @main.command("list")
 @click.argument("what", type=click.Choice(["heads", "backbones", "generators"]))
-def list_(what):
-    """List registered heads, backbones or data generators."""
+@json_option
+def list_(what, as_json):
+    """List registered heads (with their inputs, tasks and params), backbones or data generators."""
     from pipeline.registry import BACKBONES, GENERATORS, HEADS
 
+    if what == "heads":
+        from pipeline.listing import describe_heads, format_heads
+
+        heads = describe_heads()
+        _emit_json({"heads": heads}) if as_json else click.echo(format_heads(heads))
+        return
     registry = {"heads": HEADS, "backbones": BACKBONES, "generators": GENERATORS}[what]
+    if as_json:
+        _emit_json({what: registry.names()})
+        return
     for name in registry.names():
         click.echo(name)
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="ftpipe-demo", show_default=True)
-@click.option("--family", type=click.Choice(["tracks", "icu", "images", "all"]), default="tracks", show_default=True)
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default="ftpipe-demo", show_default=True,
+              help="Folder for data, checkpoint, caches, runs and report.")
+@click.option("--family", type=click.Choice(["tracks", "icu", "images", "all"]), default="tracks", show_default=True,
+              help="Synthetic data family (all: one after the other).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+              help="tiny: a smoke test in about a minute; small: numbers worth reading.")
 @device_option
+@json_option
 @click.pass_context
-def demo(ctx, workdir, family, size, device):
+def demo(ctx, workdir, family, size, device, as_json):
     """The whole pipeline on built-in synthetic data: make-data -> pretrain -> extract -> sweep -> report."""
     from pipeline.config import resolve_device
     from pipeline.demo import run_demo
@@ -492,8 +567,10 @@ def demo(ctx, workdir, family, size, device):
     if ctx.obj["verbose"] == 0:  # the demo narrates each step itself; library INFO lines only with -v
         logging.getLogger().setLevel(logging.WARNING)
 
-    run_demo(workdir=Path(workdir), family=family, size=size, device=resolve_device(device or "auto"),
-             echo=click.echo)
+    summary = run_demo(workdir=Path(workdir), family=family, size=size, device=resolve_device(device or "auto"),
+                       echo=(lambda *a, **k: None) if as_json else click.echo)
+    if as_json:
+        _emit_json(summary)
 
 
 if __name__ == "__main__":

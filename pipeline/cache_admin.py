@@ -24,11 +24,14 @@ def list_rows(*, root: Path) -> list[dict[str, Any]]:
     return list_caches(Path(root))
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
+def format_rows(rows: list[dict[str, Any]], *, root: Path | None = None) -> str:
+    from pipeline.table import format_table
+
+    where = f"caches under {Path(root).resolve()}" if root is not None else ""
     if not rows:
-        return "no caches"
+        return f"no caches under {Path(root).resolve()}" if root is not None else "no caches"
     header = ("key", "status", "samples", "units", "size", "backbone", "created")
-    table = [header]
+    table = []
     for r in rows:
         key = (r.get("key") or "?")[:16]
         units = f"{r.get('units_committed', '-')}/{r.get('units', '-')}" if r.get("units") is not None else "-"
@@ -36,8 +39,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             key, str(r.get("status")), str(r.get("n_samples", "-")), units, _human(r.get("size_bytes")),
             str(r.get("backbone") or "-"), str(r.get("created") or "-"),
         ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return where + "\n" + format_table(header, table)
 
 
 def info(*, ref: str, root: Path) -> dict[str, Any]:
@@ -88,7 +90,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"key       {info['key']}",
         f"path      {info['path']}",
-        f"status    {info['status']} ({info['units_committed']}/{info['units']} units of {info['unit_rows']} samples)",
+        f"status    {info['status']} ({info['units_committed']} of {info['units']} write units done; a unit holds up "
+        f"to {info['unit_rows']} samples)",
         f"samples   {info['n_samples']}"
         + (" (" + ", ".join(f"{k} {v}" for k, v in info["splits"].items()) + ")" if info["splits"] else ""),
     ]

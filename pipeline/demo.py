@@ -203,12 +203,12 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     summary["sweeps"] = sweeps
 
     _step(echo, 5, "leaderboard (`ftpipe results --runs-dir ...`)")
-    from pipeline.results import format_leaderboard, leaderboard
+    from pipeline.results import format_sections, sections, select
 
     for demo_sweep in FAMILIES[name].sweeps:
-        rows = leaderboard(runs_dir=runs_dir, sweep_id=sweeps[demo_sweep.name]["sweep_id"])
-        echo(f"  -- {demo_sweep.name} (target {demo_sweep.target}, {demo_sweep.task})")
-        echo(_indent(format_leaderboard(rows, fmt="table")))
+        table = select(runs_dir=runs_dir, sweep_ids=[sweeps[demo_sweep.name]["sweep_id"]])
+        echo(f"  -- {demo_sweep.name}")
+        echo(_indent(format_sections(sections(table=table))))
     if name == "tracks":
         summary["pt_mean_predictor"] = _mean_predictor_resolution(cache_path=first.path, target="pt")
         best = min(r.get("test_logres68", float("inf")) for r in sweeps["track-pt"]["leaderboard"])

@@ -24,13 +24,14 @@ MAX_CONFIGS = 25  # configurations compared with the best (each costs one paired
 
 
 def stats_sections(*, board: Sequence[dict[str, Any]], runs_dir: Path, out: Path, prefix: str = "", h: str = "h2",
-                   split: str = "test", n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[str]:
+                   split: str = "test", n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                   metric: str | None = None) -> list[str]:
     """HTML parts (heading, figure, table) for ``board`` (a leaderboard, best first); [] when nothing to show."""
     from pipeline import compare as C
     from pipeline.errors import FtpipeError
 
     board = list(board)[:MAX_CONFIGS]
-    metric = C._board_metric(board, None)
+    metric = C._board_metric(board, metric)
     if not board or not metric:
         return []
     col = f"{split}_{metric}"

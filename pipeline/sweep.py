@@ -356,11 +356,12 @@ class SweepResult:
                 several = (g.get("n_runs") or 1) > 1
                 cell = lambda m: (f"{g[m]:.4g}" + (f" ± {g.get(m + '_std', 0):.2g}" if several else "")  # noqa: E731
                                   if isinstance(g.get(m), float) else "")
-                label = re.sub(r"_seed\d+-[0-9a-f]+$", "", (g.get("run_ids") or [str(g.get("arch"))])[0])
+                label = g.get("label") or str(g.get("arch"))
                 table.append([str(g["rank"]), label, str(g.get("cache_key"))[:8], str(g.get("n_runs")), cell(metric),
                               cell(test)])
-            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+            from pipeline.table import format_table
+
+            lines.append(format_table(table[0], table[1:]))
             if len(self.leaderboard) > top:
                 lines.append(f"... {len(self.leaderboard) - top} more: ftpipe results --sweep {self.sweep_id}")
         lines.append(f"record: {self.record}   report: ftpipe report --sweep {self.sweep_id} --out report/")
@@ -515,7 +516,8 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
             if not plan.todo:
                 continue  # nothing left on this cache: do not even load it
             _run_cache(plan=plan, spec=spec, runs_dir=runs_dir, device=device, strategy=strategy, sweep_id=sweep_id,
-                       record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1)))
+                       record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1),
+                                                               _show_metric(bar, run)))
         record["status"] = "complete"
     except BaseException:
         record["status"] = "interrupted"  # rerun the same command: recorded runs are skipped
@@ -533,6 +535,17 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
                        seconds=time.perf_counter() - t_start, leaderboard=tuple(board),
                        not_converged=tuple(record.get("not_converged", [])),
                        warning=convergence_warning(run_ids=list(infos), infos=list(infos.values())))
+
+
+def _show_metric(bar: Any, run: Any) -> None:
+    """The finished run's ranking metric on the sweep's progress bar (``mlp2 val_auroc 0.912``)."""
+    from pipeline.results import default_metric
+
+    row = {f"{split}_{k}": float(v) for split, ms in run.metrics.items() for k, v in ms.items()
+           if isinstance(v, (int, float))}
+    metric = default_metric([row], task=run.task)
+    if metric is not None:
+        bar.set_postfix_str(f"{run.arch} {metric} {row[metric]:.4g}", refresh=False)
 
 
 def _now() -> str:

@@ -72,7 +72,8 @@ def test_cli_cache_commands(small_cache):
     assert ls.exit_code == 0, ls.output
     assert key[:16] in ls.output and "complete" in ls.output and "5/5" in ls.output
     ls_json = runner.invoke(main, ["cache", "ls", "--cache-root", str(root), "--json"])
-    assert json.loads(ls_json.output.strip().splitlines()[-1])[0]["key"] == key
+    listing = json.loads(ls_json.output.strip().splitlines()[-1])
+    assert listing["root"] == str(root) and listing["caches"][0]["key"] == key
 
     info = runner.invoke(main, ["cache", "info", key[:8], "--cache-root", str(root)])
     assert info.exit_code == 0, info.output
@@ -96,4 +97,5 @@ def test_cli_cache_commands(small_cache):
     rm = runner.invoke(main, ["cache", "rm", key[:8], "--cache-root", str(root)])
     assert rm.exit_code == 0 and str(path) in rm.output
     assert not path.exists()
-    assert runner.invoke(main, ["cache", "ls", "--cache-root", str(root)]).output.strip() == "no caches"
+    assert runner.invoke(main, ["cache", "ls", "--cache-root", str(root)]).output.strip() == \
+        f"no caches under {root.resolve()}"

@@ -128,7 +128,7 @@ def test_seed_groups_report_seed_std_and_bootstrap_ci_apart(runs):
     r = CliRunner()
     res = r.invoke(main, ["results", "--runs-dir", str(runs), "--ci", "--format", "json", "--n-boot", "300"])
     assert res.exit_code == 0, res.output
-    rows = {g["config_id"]: g for g in json.loads(res.stdout)}
+    rows = {g["config_id"]: g for sec in json.loads(res.stdout)["sections"] for g in sec["rows"]}
     good = rows["good0000cfg"]
     points = []
     for seed in range(10):
@@ -158,7 +158,7 @@ def test_results_vs_reference(runs):
     r = CliRunner()
     res = r.invoke(main, ["results", "--runs-dir", str(runs), "--vs", "good0000", "--format", "json", "--n-boot", "200"])
     assert res.exit_code == 0, res.output
-    rows = {g["config_id"]: g for g in json.loads(res.stdout)}
+    rows = {g["config_id"]: g for sec in json.loads(res.stdout)["sections"] for g in sec["rows"]}
     assert rows["good0000cfg"]["vs_ref"] is True
     assert rows["weak0000cfg"]["vs_resolved"] is True and rows["weak0000cfg"]["vs_ci_high"] < 0
     assert rows["other000cfg"]["vs_diff"] is None and "same test rows" in rows["other000cfg"]["vs_error"]

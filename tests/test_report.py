@@ -135,8 +135,10 @@ def test_report_errors_are_actionable(fake_runs, tmp_path: Path):
     runs, _ = fake_runs
     with pytest.raises(FtpipeError, match="fake-1"):
         write_report(sweep_id="nope", run_ids=[], runs_dir=runs, out=tmp_path / "r")
-    with pytest.raises(FtpipeError, match="--sweep"):
-        write_report(sweep_id=None, run_ids=[], runs_dir=runs, out=tmp_path / "r")
+    with pytest.raises(FtpipeError, match="no runs folder at"):
+        write_report(runs_dir=tmp_path / "nowhere", out=tmp_path / "r")
+    with pytest.raises(FtpipeError, match=r"no run 'zzz' under .*; nearest: "):
+        write_report(run_ids=["zzz"], runs_dir=runs, out=tmp_path / "r")
 
 
 def test_report_of_a_real_sweep_through_the_cli(tmp_path: Path):

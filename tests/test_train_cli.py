@@ -37,7 +37,7 @@ def test_train_head_json_and_results(cache, tmp_path):
         assert {"train", "val", "test"} <= set(out["metrics"]) and Path(out["paths"]["weights"]).is_file()
     res = runner.invoke(main, ["results", "--runs-dir", str(runs), "--format", "json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)
+    rows = [r for s in json.loads(res.output)["sections"] for r in s["rows"]]
     assert len(rows) == 1 and rows[0]["n_runs"] == 2 and "val_auroc_std" in rows[0]
     table = runner.invoke(main, ["results", "--runs-dir", str(runs)])
     assert "mlp2" in table.output and "±" in table.output
@@ -68,4 +68,4 @@ def test_concurrent_train_head_processes_keep_every_row(cache, tmp_path):
     files = {f.stem for f in (runs / "results").glob("*.parquet")}
     assert len(run_ids) == 3 and files == run_ids
     res = CliRunner().invoke(main, ["results", "--runs-dir", str(runs), "--format", "json"])
-    assert json.loads(res.output)[0]["n_runs"] == 3
+    assert json.loads(res.output)["sections"][0]["rows"][0]["n_runs"] == 3
