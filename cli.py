@@ -94,9 +94,11 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--force", is_flag=True, help="Discard an existing cache with the same key and extract again.")
 @click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another writer holds the cache.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in the checkpoint (only for files you trust).")
+@click.option("--unit-rows", type=click.IntRange(min=1), default=None,
+              help="Samples per resumable unit, the unit of work torchrun ranks share [default: ~32 MiB of features].")
 @json_option
 def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num_workers, device, dtype,
-            split_ratios, force, no_wait, trust_checkpoint, as_json):
+            split_ratios, force, no_wait, trust_checkpoint, unit_rows, as_json):
     """Phase one: run a frozen, verified backbone once and cache its outputs."""
     from pipeline import config as cfg
     from pipeline.errors import ConfigError
@@ -121,15 +123,27 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
 
         overrides["data"] = cfg.merge(default_data_config(backbone=backbone, path=data), overrides.get("data", {}))
     config = cfg.load(cfg.ExtractConfig, yaml_path=config_path, overrides=overrides)
-    result = run_extract(
-        config=config,
-        checkpoint=Path(checkpoint),
-        cache_root=_cache_root(cache_root),
-        force=force,
-        wait=not no_wait,
-        progress=not as_json and sys.stderr.isatty(),
-        config_dir=Path(config_path).resolve().parent if config_path else None,
-    )
+    from pipeline.distributed import from_environment
+
+    coordinator = from_environment(device=config.device)  # torchrun: RANK / WORLD_SIZE / LOCAL_RANK
+    if not coordinator.is_main:
+        logging.getLogger().setLevel(logging.ERROR)  # under torchrun only rank 0 reports
+    try:
+        result = run_extract(
+            config=config,
+            checkpoint=Path(checkpoint),
+            cache_root=_cache_root(cache_root),
+            force=force,
+            wait=not no_wait,
+            progress=not as_json and sys.stderr.isatty(),
+            config_dir=Path(config_path).resolve().parent if config_path else None,
+            coordinator=coordinator,
+            unit_rows=unit_rows,
+        )
+    finally:
+        coordinator.close()
+    if not coordinator.is_main:
+        return
     if as_json:
         _emit_json(result.to_dict())
     else:

@@ -21,7 +21,7 @@ import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,11 @@ class CacheWriter:
         world_size: int = 1,
         background: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        assigned: Collection[int] | None = None,
     ) -> None:
+        # assigned: the unit ids this rank writes, decided once by rank 0 (pipeline/distributed.py);
+        # None keeps the static split by ``unit id % world_size``.
+        self._assigned = None if assigned is None else frozenset(int(i) for i in assigned)
         if world_size < 1 or not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is not in 0..{world_size - 1}")
         self.path = Path(path)
@@ -294,6 +298,8 @@ class CacheWriter:
     # ---------------------------------------------------------------- units
 
     def _mine(self, u: Unit) -> bool:
+        if self._assigned is not None:
+            return u.id in self._assigned
         return u.id % self.world_size == self.rank
 
     def pending_units(self) -> list[Unit]:
