@@ -332,19 +332,22 @@ def results(runs_dir, cache_key, sweep_id, sort, top, fmt):
 @click.option("--task", type=click.Choice(["classify", "regress"]), default=None)
 @click.option("--strategy", type=click.Choice(["auto", "stacked", "in-turn"]), default="auto", show_default=True,
               help="Train same-shaped heads stacked (vmap) or one at a time; auto measures.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run only the I-th of N deterministic parts of the grid (I from 1), e.g. one job of an array.")
 @device_option
 @cache_root_option
 @runs_dir_option
 @json_option
-def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, device, cache_root,
+def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, shard, device, cache_root,
           runs_dir, as_json):
     """Train a grid of heads over one or more caches, loading each cache once.
 
     Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
     `--set hidden=[256,128],[128]` gives two list values. Rerunning skips runs already recorded.
     """
-    from pipeline.sweep import run_sweep, sweep_spec_from_cli
+    from pipeline.sweep import parse_shard, run_sweep, sweep_spec_from_cli
 
+    part = parse_shard(shard)
     spec = sweep_spec_from_cli(config_path=config_path, arch=arch, sets=sets, seeds=seeds, epochs=epochs,
                                target=target, task=task, device=device)
     result = run_sweep(
@@ -354,6 +357,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
         runs_dir=Path(runs_dir),
         strategy=strategy,
         progress=not as_json and sys.stderr.isatty(),
+        shard=part,
     )
     if as_json:
         _emit_json(result.to_dict())
