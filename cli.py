@@ -280,16 +280,18 @@ def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
 @click.option("--seed", type=int, default=None)
 @device_option
 @cache_root_option
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Arrays over this size are streamed from the cache in blocks [default: 80% of free memory].")
 @runs_dir_option
 @json_option
 def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, batch_size, seed, device,
-               cache_root, runs_dir, as_json):
+               cache_root, memory_budget_gb, runs_dir, as_json):
     """Phase two: train a head from a complete cache and record the run."""
     from pipeline import config as cfg
     from pipeline.train import run_train_head
 
     overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
-                 "batch_size": batch_size, "seed": seed, "device": device}
+                 "batch_size": batch_size, "seed": seed, "device": device, "memory_budget_gb": memory_budget_gb}
     if sets:
         overrides["params"] = cfg.parse_set_options(sets)
     config = cfg.load(cfg.TrainConfig, yaml_path=config_path, overrides=overrides)

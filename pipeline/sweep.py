@@ -644,6 +644,9 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
     family = HEADS.get(configs[0].arch)
     if family.kind != "torch":
         return f"{family.name} is not a torch head", None
+    if getattr(features, "streamed", False):
+        # K independent orders would read every block K times per epoch (pipeline/streaming.py)
+        return "the cache is streamed (over the memory budget)", None
     target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
     train_rows = features.rows("train")
     task = T.resolve_task(config=configs[0], features=features, target=target, train_rows=train_rows)

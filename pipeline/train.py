@@ -214,10 +214,14 @@ def load_features(*, cache: Any, arrays: Iterable[str], targets: Iterable[str], 
     budget = memory_budget_bytes(device=device, budget_gb=memory_budget_gb)
     need = sum(sizes.values())
     if need > budget:
+        # over the budget: stream the arrays in blocks instead of refusing (pipeline/streaming.py)
+        from pipeline.streaming import streamed_features
+
         detail = ", ".join(f"{n} {s / 1e9:.2f} GB" for n, s in sorted(sizes.items(), key=lambda kv: -kv[1]))
-        raise TrainError(f"the arrays this head needs take {need / 1e9:.2f} GB but the {device.type} memory budget is "
-                         f"{budget / 1e9:.2f} GB ({detail}); raise memory_budget_gb, use a smaller cache "
-                         f"(--dtype float16 extraction, fewer taps) or another device")
+        return streamed_features(cache=cache, arrays=arrays, target_names=target_names, specs=specs, device=device,
+                                 budget=budget, need=need,
+                                 why=f"the arrays this head needs take {need / 1e9:.2f} GB but the {device.type} "
+                                     f"memory budget is {budget / 1e9:.2f} GB ({detail})")
     t0 = time.perf_counter()
     loaded = cache.load(arrays + target_names, device=device, dtype=torch.float32)
     for n in arrays:
@@ -447,7 +451,10 @@ def _train_epochs(*, module, inputs, task, features, train_rows, val_rows, confi
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()
-        perm = train_rows.index_select(0, torch.randperm(n, generator=gen).to(device))
+        if hasattr(features, "epoch_order"):  # streamed: block by block, each sample once (pipeline/streaming.py)
+            perm = features.epoch_order(train_rows, gen)
+        else:
+            perm = train_rows.index_select(0, torch.randperm(n, generator=gen).to(device))
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
         for i in range(0, n, bs):

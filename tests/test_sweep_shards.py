@@ -17,7 +17,7 @@ from pipeline.sweep import parse_shard, shard_of
 from test_sweep import tiny_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = ["--arch", "linear,mlp", "--set", "lr=0.001,0.01", "--seeds", "2", "--epochs", "2", "--strategy", "in-turn",
+GRID = ["--arch", "linear,mlp", "--set", "lr=0.001,0.01", "--seeds", "2", "--epochs", "1", "--strategy", "in-turn",
         "--device", "cpu", "--target", "label", "--json"]  # 2 x 2 x 2 = 8 runs: uneven over 3 parts
 
 
