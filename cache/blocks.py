@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 class BlockReader:
     """Blocks ``[b * block_rows, (b + 1) * block_rows)`` of the named dense arrays of a ``CacheReader``."""
 
-    def __init__(self, reader: Any, names: Sequence[str], *, block_rows: int, ahead: int = 2) -> None:
+    def __init__(self, reader: Any, names: Sequence[str], *, block_rows: int, ahead: int = 2,
+                 transform: Callable[[dict[str, np.ndarray]], Any] | None = None) -> None:
+        # transform: applied on the prefetch thread (checks, conversion), so it overlaps training too
+        self.transform = transform
         self.reader = reader
         self.names = list(names)
         self.specs = {n: reader.spec(n) for n in self.names}
@@ -54,12 +57,12 @@ class BlockReader:
     def block_bytes(self) -> int:
         return self.block_rows * self.row_bytes()
 
-    def read(self, b: int) -> dict[str, np.ndarray]:
+    def read(self, b: int) -> Any:
         """Block ``b`` now, in storage dtype (no cache, no read-ahead)."""
         lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, self.n_samples)
         out = {n: self.reader._read(s, lo, hi, raw=True) for n, s in self.specs.items()}
         self.blocks_read += 1
-        return out
+        return self.transform(out) if self.transform is not None else out
 
     def schedule(self, order: Sequence[int]) -> None:
         """The blocks the coming epoch will ask for, in order; starts reading the first ones."""
@@ -69,7 +72,7 @@ class BlockReader:
             self._submit(b)
         self._evict(keep=set(self._order[: self.ahead + 1]))
 
-    def get(self, b: int) -> dict[str, np.ndarray]:
+    def get(self, b: int) -> Any:
         b = int(b)
         fut = self._held.get(b)
         if fut is None:
@@ -78,11 +81,13 @@ class BlockReader:
             self._held.move_to_end(b)
         keep = {b}
         p = self._pos.get(b)
-        if p is not None:
-            for nb in self._order[p + 1 : p + 1 + self.ahead]:
-                keep.add(nb)
-                if nb not in self._held:
-                    self._submit(nb)
+        # scheduled: read the schedule's next blocks; otherwise (evaluation walks sorted rows) the following ones
+        upcoming = self._order[p + 1 : p + 1 + self.ahead] if p is not None else [
+            nb for nb in range(b + 1, b + 1 + self.ahead) if nb < self.n_blocks]
+        for nb in upcoming:
+            keep.add(nb)
+            if nb not in self._held:
+                self._submit(nb)
         self._evict(keep=keep)
         return fut.result()
 

@@ -61,7 +61,8 @@ class StreamedFeatureSet(FeatureSet):
     def nbytes(self) -> int:
         resident = sum(t.numel() * t.element_size() for t in (self.resident or {}).values())
         small = sum(t.numel() * t.element_size() for t in self.targets.values())
-        return resident + small + self.blocks.capacity * self.blocks.block_bytes()
+        held = sum(_held_row_bytes(self.specs[n], widen=self.device.type == "cpu") for n in self.arrays)
+        return resident + small + self.blocks.capacity * self.blocks.block_rows * held
 
     def batch(self, names: Iterable[str], rows: "torch.Tensor") -> dict[str, "torch.Tensor"]:
         import torch
@@ -76,19 +77,22 @@ class StreamedFeatureSet(FeatureSet):
             return {n: _as_float(self.specs[n], self.resident[n].index_select(0, idx)) for n in names}
         br = self.blocks.block_rows
         which = r // br
-        host = {n: np.empty((len(r), *self.specs[n].inner_shape), dtype=self._storage(n)) for n in names}
+        if len(r) and int(which.min()) == int(which.max()):  # the usual case in a block-ordered epoch
+            first = int(which[0])
+            block = self.blocks.get(first)
+            local = torch.from_numpy(r - first * br)
+            return {n: _as_float(self.specs[n], block[n].index_select(0, local).to(self.device)) for n in names}
+        host: dict[str, Any] = {}
         for b in np.unique(which):
-            sel = np.flatnonzero(which == b)
+            sel = torch.from_numpy(np.flatnonzero(which == b))
             block = self.blocks.get(int(b))
-            local = r[sel] - int(b) * br
             for n in names:
-                host[n][sel] = block[n][local]
-        out = {}
-        for n in names:
-            t = _to_device(self.specs[n], host[n], self.device)
-            _check_finite_block(n, t)
-            out[n] = _as_float(self.specs[n], t)
-        return out
+                if n not in host:
+                    host[n] = torch.empty((len(r), *self.specs[n].inner_shape), dtype=block[n].dtype)
+            local = torch.from_numpy(r[sel.numpy()] - int(b) * br)
+            for n in names:
+                host[n][sel] = block[n].index_select(0, local)
+        return {n: _as_float(self.specs[n], host[n].to(self.device)) for n in names}
 
     def epoch_order(self, train_rows: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
         """A permutation of ``train_rows``: blocks in a shuffled order, rows shuffled within each block."""
@@ -111,10 +115,40 @@ class StreamedFeatureSet(FeatureSet):
         """``rows`` of ``names`` as a ``lightgbm.Sequence`` (row order kept; read in whole blocks)."""
         return _make_sequence(self, list(names), rows.detach().cpu().numpy().astype(np.int64))
 
-    def _storage(self, name: str) -> Any:
-        from cache.schema import storage_dtype
 
-        return storage_dtype(self.specs[name].dtype)
+
+def _held_row_bytes(spec: Any, *, widen: bool) -> int:
+    if widen and spec.dtype in ("float16", "bfloat16"):
+        return int(spec.row_bytes) * 2
+    return int(spec.row_bytes)
+
+
+def _block_to_torch(specs: dict[str, Any], *, widen: bool) -> Any:
+    import torch
+
+    """Runs on the prefetch thread: a block's arrays as CPU tensors, checked finite once.
+
+    ``widen`` (training on the CPU, where the host is the device): floats become float32 here, off the
+    training thread; float16 gathers and casts on the CPU cost as much as the step itself. On a GPU
+    blocks stay float16 and are cast after the copy."""
+
+    def convert(block: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {}
+        for n, a in block.items():
+            if specs[n].dtype == "bfloat16":  # stored as uint16 bits: torch reads them
+                t = _to_device(specs[n], a, "cpu")
+                _check_finite_block(n, t)
+                out[n] = t.float() if widen else t
+                continue
+            if widen and a.dtype == np.float16:
+                a = a.astype(np.float32)  # numpy's SIMD half conversion: ~5x faster than torch's here
+            if a.dtype.kind == "f" and not bool(np.isfinite(a).all()):
+                raise TrainError(f"cached array {n!r} has NaN/inf values; features must be finite (check the "
+                                 "backbone's outputs or re-extract in float32)")
+            out[n] = torch.from_numpy(np.ascontiguousarray(a))
+        return out
+
+    return convert
 
 
 def _make_sequence(features: StreamedFeatureSet, names: list[str], rows: np.ndarray) -> Any:
@@ -175,16 +209,19 @@ def streamed_features(*, cache: Any, arrays: list[str], target_names: list[str],
     targets = {n.split("/", 1)[1]: loaded[n].float() for n in target_names}
     codes = torch.as_tensor(np.asarray(cache.split_codes, dtype=np.uint8)).to(device)
     fixed = sum(t.numel() * t.element_size() for t in targets.values()) + codes.numel()
-    row_bytes = sum(specs[n].row_bytes for n in arrays)
+    widen = torch.device(device).type == "cpu"
+    row_bytes = sum(_held_row_bytes(specs[n], widen=widen) for n in arrays)
     # the held blocks (READ_AHEAD + 2) get half of what is left; batches and the resident split the rest
     per_block_share = max(0, budget - fixed) // (2 * (READ_AHEAD + 2))
     block_rows = max(1, min(MAX_BLOCK_BYTES, per_block_share) // max(1, row_bytes))
-    blocks = BlockReader(cache, arrays, block_rows=block_rows, ahead=READ_AHEAD)
-    if fixed + blocks.capacity * blocks.block_bytes() > budget:
+    blocks = BlockReader(cache, arrays, block_rows=block_rows, ahead=READ_AHEAD,
+                         transform=_block_to_torch({n: specs[n] for n in arrays}, widen=widen))
+    held = blocks.capacity * blocks.block_rows * row_bytes
+    if fixed + held > budget:
         blocks.close()
         raise TrainError(f"{why or 'the arrays are over the memory budget'}, too small even to stream them (targets and "
                          f"split codes {fixed / 1e9:.3f} GB, {blocks.capacity} blocks of one chunk "
-                         f"{blocks.capacity * blocks.block_bytes() / 1e9:.3f} GB); "
+                         f"{held / 1e9:.3f} GB); "
                          "raise memory_budget_gb")
     resident: dict[str, Any] = {}
     resident_pos = np.full(int(cache.n_samples), -1, dtype=np.int64)
@@ -192,13 +229,18 @@ def streamed_features(*, cache: Any, arrays: list[str], target_names: list[str],
     if select_split in names:
         sel = np.flatnonzero(np.asarray(cache.split_codes) == names.index(select_split))
         if len(sel) * row_bytes <= RESIDENT_SHARE * budget:
-            raw = {n: cache._load_np(n, sel, raw=True) for n in arrays}  # storage dtype: float16 stays float16
-            resident = {n: _to_device(specs[n], raw[n], device) for n in arrays}
-            for n, t in resident.items():
-                _check_finite_block(n, t)
+            # block by block, so no more than one block is ever read beyond the resident rows themselves
+            parts: dict[str, list[Any]] = {n: [] for n in arrays}
+            which = sel // blocks.block_rows
+            for b in np.unique(which):
+                block = blocks.read(int(b))
+                local = torch.from_numpy(sel[which == b] - int(b) * blocks.block_rows)
+                for n in arrays:
+                    parts[n].append(block[n].index_select(0, local))
+            resident = {n: torch.cat(parts[n]).to(device) for n in arrays}
             resident_pos[sel] = np.arange(len(sel))
     log.info("the arrays %s take %.3f GB, over the %.3f GB memory budget: streaming them in blocks of %d rows "
-             "(%.1f MB, %d held)%s", arrays, need / 1e9, budget / 1e9, blocks.block_rows, blocks.block_bytes() / 1e6,
+             "(%.1f MB, %d held)%s", arrays, need / 1e9, budget / 1e9, blocks.block_rows, held / blocks.capacity / 1e6,
              blocks.capacity, f"; {select_split} rows resident" if resident else "")
     return StreamedFeatureSet(
         arrays={n: StreamedArray(shape=tuple(cache.shape(n)), dtype=specs[n].dtype) for n in arrays},
