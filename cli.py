@@ -43,7 +43,9 @@ class _Group(click.Group):
 def _cache_root(cache_root: str | None) -> Path:
     from cache.key import default_cache_root
 
-    return Path(cache_root) if cache_root else default_cache_root()
+    from cache.storage import as_path
+
+    return as_path(cache_root) if cache_root else default_cache_root()
 
 
 def _emit_json(obj: object) -> None:

@@ -254,12 +254,17 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}" if not checkpoint.exists() else
                               f"checkpoint {checkpoint} is not a file; pass the .ckpt/.pt/.safetensors file itself")
-    cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    from cache.storage import as_path, check_writable, is_remote
+
+    cache_root = as_path(cache_root)  # a Path, or a UPath on an object store (s3://bucket/prefix)
+    if is_remote(cache_root):
+        check_writable(cache_root)
+    else:
+        cache_root.mkdir(parents=True, exist_ok=True)
 
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
     plan = source.plan()
-    record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=cache_root),
+    record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=None if is_remote(cache_root) else cache_root),
                         data_fingerprint=plan.fingerprint)
     key = make_key(record)
     path = cache_path(cache_root, key)
