@@ -136,9 +136,9 @@ def create_cache(
     remote = is_remote(root)
     if remote:
         check_writable(root)  # an unreachable endpoint or a read-only bucket: one line, before any work
-        if shard_rows is None:
-            # object stores: one shard object per array per unit, so no two writers ever touch one object
-            shard_rows = unit_rows or int(L.plan_layout(schema=schema, unit_rows=None)["unit_rows"])
+        # Unsharded by default here too: units are whole chunks, so no two writers ever touch one object,
+        # and chunks are already ~4 MiB objects; sharding (one object per unit) read 1.6x slower and wrote
+        # 1.8x slower on an S3 server (benchmarks/object_store.py). ExtractConfig.shard_rows still shards.
     path = cache_path(root, key)
     if remote and path.exists() and not (path / "zarr.json").exists():
         from cache.storage import remove_tree

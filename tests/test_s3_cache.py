@@ -136,7 +136,7 @@ batch_size: 4
     assert all(after[u] == before[u] for u in before)  # committed objects were never rewritten
     assert (store / "_ftpipe/status/complete.json").exists()
     layout = read_meta(store)["layout"]
-    assert layout["shard_rows"] == layout["unit_rows"]  # sharded by default, one shard object per unit
+    assert layout["unit_rows"] % layout["chunk_rows"] == 0  # every object belongs to one unit (one writer)
 
     local = run_extract(config=conf, checkpoint=ckpt, cache_root=tmp_path / "local", progress=False,
                         unit_rows=UNIT_ROWS)
