@@ -19,7 +19,7 @@ from cache.schema import ArraySpec, CacheSchema
 from cache.writer import CacheWriter, create_cache
 from pipeline.config import TrainConfig
 from pipeline.streaming import StreamedFeatureSet
-from pipeline.train import FeatureSet, fit, load_features
+from pipeline.train import fit, load_features
 
 CPU = torch.device("cpu")
 
