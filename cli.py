@@ -51,7 +51,9 @@ def _one_line(exc: BaseException) -> str:
 def _cache_root(cache_root: str | None) -> Path:
     from cache.key import default_cache_root
 
-    return Path(cache_root) if cache_root else default_cache_root()
+    from cache.storage import as_path
+
+    return as_path(cache_root) if cache_root else default_cache_root()
 
 
 def _emit_json(obj: object) -> None:
@@ -126,9 +128,11 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--nonfinite", type=click.Choice(["error", "mask"]), default=None,
               help="NaN/inf in a backbone output: error (default: stop, naming the samples) or mask (store 0, "
                    "keep those samples out of every split).")
+@click.option("--unit-rows", type=click.IntRange(min=1), default=None,
+              help="Samples per resumable unit, the unit of work torchrun ranks share [default: ~32 MiB of features].")
 @json_option
 def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num_workers, device, dtype,
-            split_ratios, force, no_wait, trust_checkpoint, verify, nonfinite, as_json):
+            split_ratios, force, no_wait, trust_checkpoint, verify, nonfinite, unit_rows, as_json):
     """Phase one: run a frozen, verified backbone once and cache its outputs."""
     from pipeline import config as cfg
     from pipeline.errors import ConfigError
@@ -154,16 +158,28 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
 
         overrides["data"] = cfg.merge(default_data_config(backbone=backbone, path=data), overrides.get("data", {}))
     config = cfg.load(cfg.ExtractConfig, yaml_path=list(config_path) or None, overrides=overrides)
-    result = run_extract(
-        config=config,
-        checkpoint=Path(checkpoint),
-        cache_root=_cache_root(cache_root),
-        force=force,
-        wait=not no_wait,
-        progress=not as_json and sys.stderr.isatty(),
-        config_dir=_class_path_dir(config_path),
-        verify=verify,
-    )
+    from pipeline.distributed import from_environment
+
+    coordinator = from_environment(device=config.device)  # torchrun: RANK / WORLD_SIZE / LOCAL_RANK
+    if not coordinator.is_main:
+        logging.getLogger().setLevel(logging.ERROR)  # under torchrun only rank 0 reports
+    try:
+        result = run_extract(
+            config=config,
+            checkpoint=Path(checkpoint),
+            cache_root=_cache_root(cache_root),
+            force=force,
+            wait=not no_wait,
+            progress=not as_json and sys.stderr.isatty(),
+            config_dir=_class_path_dir(config_path),
+            verify=verify,
+            coordinator=coordinator,
+            unit_rows=unit_rows,
+        )
+    finally:
+        coordinator.close()
+    if not coordinator.is_main:
+        return
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -321,17 +337,19 @@ def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
               help="[default: the head's only task, else from the target's dtype]")
 @click.option("--set", "sets", multiple=True, help="Head hyperparameter key=value (repeatable).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Head YAML.")
-@click.option("--epochs", type=int, default=None, help="Training epochs (SGD heads) [default: 50].")
+@click.option("--epochs", type=int, default=None, help="Epochs' worth of optimizer steps, evaluated once per epoch (SGD heads) [default: a step budget scaled to the data, stopped on a val plateau].")
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (SGD heads) [default: 0.001].")
 @click.option("--batch-size", type=int, default=None, help="Rows per optimizer step (SGD heads) [default: 256].")
 @click.option("--seed", type=int, default=None, help="Random seed [default: 0].")
 @device_option
 @cache_root_option
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Arrays over this size are streamed from the cache in blocks [default: 80% of free memory].")
 @runs_dir_option
 @trust_cache_option
 @json_option
 def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, batch_size, seed, device,
-               cache_root, runs_dir, trust_cache, as_json):
+               cache_root, memory_budget_gb, runs_dir, trust_cache, as_json):
     """Phase two: train a head from a complete cache and record the run.
 
     Budget: by default scaled to the data and stopped on a val plateau (README "Convergence");
@@ -342,7 +360,7 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
     from pipeline.train import run_train_head
 
     overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
-                 "batch_size": batch_size, "seed": seed, "device": device}
+                 "batch_size": batch_size, "seed": seed, "device": device, "memory_budget_gb": memory_budget_gb}
     if sets:
         params = cfg.parse_set_options(sets)
         # training options on --set go to the trainer (one spelling across train-head and sweep)
@@ -461,26 +479,29 @@ def compare(run_a, run_b, metric, split, level, n_boot, boot_seed, runs_dir, cac
 @click.option("--arch", default=None, help="Comma-separated head names.")
 @click.option("--set", "sets", multiple=True, help="Grid axis key=v1,v2,... (repeatable).")
 @click.option("--seeds", type=int, default=None, help="Seeds per configuration (0..N-1); the leaderboard shows mean ± std.")
-@click.option("--epochs", type=int, default=None, help="Training epochs of every configuration [default: the YAML's, else 50].")
+@click.option("--epochs", type=int, default=None, help="Epochs' worth of optimizer steps of every configuration [default: the YAML's, else a step budget scaled to the data].")
 @click.option("--target", default=None, help="targets/<name> to learn [default: the only target].")
 @click.option("--task", type=click.Choice(["classify", "regress"]), default=None,
               help="[default: the head's only task, else from the target's dtype]")
 @click.option("--strategy", type=click.Choice(["auto", "stacked", "in-turn"]), default="auto", show_default=True,
               help="Train same-shaped heads stacked (vmap) or one at a time; auto measures.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run only the I-th of N deterministic parts of the grid (I from 1), e.g. one job of an array.")
 @device_option
 @cache_root_option
 @runs_dir_option
 @trust_cache_option
 @json_option
-def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, device, cache_root,
+def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, strategy, shard, device, cache_root,
           runs_dir, trust_cache, as_json):
     """Train a grid of heads over one or more caches, loading each cache once.
 
     Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
     `--set hidden=[256,128],[128]` gives two list values. Rerunning skips runs already recorded.
     """
-    from pipeline.sweep import run_sweep, sweep_spec_from_cli
+    from pipeline.sweep import parse_shard, run_sweep, sweep_spec_from_cli
 
+    part = parse_shard(shard)
     spec = sweep_spec_from_cli(config_path=config_path, arch=arch, sets=sets, seeds=seeds, epochs=epochs,
                                target=target, task=task, device=device)
     result = run_sweep(
@@ -491,6 +512,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
         strategy=strategy,
         progress=not as_json and sys.stderr.isatty(),
         verify=not trust_cache,
+        shard=part,
     )
     if result.warning:  # before the result, so the result stays the last line
         click.echo(result.warning, err=True)

@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh passes cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]; on a "
                         "small CPU machine leaving one core to the cache writer lets writing hide behind compute")
     args = parser.parse_args()
@@ -92,11 +93,13 @@ def main() -> None:
     try:
         _, ckpt, config_path = _setup(work, n=args.n, t=args.t, d_in=16, dim=args.dim, depth=args.depth)
         config = cfg.load(cfg.ExtractConfig, yaml_path=config_path,
-                          overrides={"batch_size": args.batch_size, "num_workers": args.num_workers})
+                          overrides={"batch_size": args.batch_size, "num_workers": args.num_workers,
+                                     "device": args.device})
+        device = torch.device(args.device)
         source = open_data(config=config.data, split_ratios=None)
         net = BenchEncoder(d_in=16, dim=args.dim, depth=args.depth)
         net.load_state_dict({k.removeprefix("model."): v for k, v in torch.load(ckpt)["state_dict"].items()})
-        net.eval()
+        net.eval().to(device)
 
         def bare() -> float:
             loader = DataLoader(source.dataset(), batch_size=args.batch_size, collate_fn=source.collate,
@@ -104,7 +107,9 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 for batch in loader:
-                    net(batch["x"])
+                    net(batch["x"].to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             cpu.setdefault("bare", []).append(time.process_time() - c0)
             return time.perf_counter() - t0
 

@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--old-batches", type=int, default=3, help="batches timed per architecture for the old way")
     ap.add_argument("--strategies", action="store_true", help="also time --strategy in-turn and --strategy stacked")
     ap.add_argument("--quick", action="store_true", help="n=2048, seq-len 32")
+    ap.add_argument("--device", default="cpu", help="where the heads train: cpu or cuda (benchmarks/gpu.sh)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.seq_len = 2048, 32
@@ -171,7 +172,7 @@ def main() -> None:
               f"{', '.join(f'{v:g}' for v in LRS)}), {args.epochs} epochs, batch {args.batch_size}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
 
-        common = ["--cache-root", str(tmp / "cache"), "--target", "label", "--device", "cpu", "--epochs",
+        common = ["--cache-root", str(tmp / "cache"), "--target", "label", "--device", args.device, "--epochs",
                   str(args.epochs)]
         py = [sys.executable, "-m", "cli", "-q"]
         sweeps: dict[str, tuple[float, dict]] = {}

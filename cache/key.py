@@ -31,14 +31,18 @@ def default_cache_root() -> Path:
     """``$FTPIPE_CACHE``, else the platform's user cache directory for ftpipe."""
     env = os.environ.get("FTPIPE_CACHE")
     if env:
-        return Path(env).expanduser()
+        from cache.storage import as_path
+
+        return as_path(env)  # FTPIPE_CACHE=s3://bucket/prefix works too
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("ftpipe"))
 
 
 def cache_path(root: Path, key: str) -> Path:
-    return Path(root) / f"{key[:16]}.zarr"
+    from cache.storage import as_path
+
+    return as_path(root) / f"{key[:16]}.zarr"  # a Path, or a UPath on an object store
 
 
 def _hash_file(h: "hashlib._Hash", path: Path) -> None:

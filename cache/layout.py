@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PRIVATE_DIR = "_ftpipe"
 UNITS_DIR = "_ftpipe/units"
+COMPLETE_MARKER = "_ftpipe/status/complete.json"  # object stores: written last, once (cache/storage.py)
 # Chunk sizes: a few MiB per chunk file keeps per-file overhead small on a local disk while a
 # unit stays a modest amount of memory to buffer. Measured in benchmarks/cache_io.py.
 DENSE_CHUNK_BYTES = 4 << 20
@@ -215,7 +216,9 @@ def to_storage(spec: ArraySpec, value: Any) -> np.ndarray:
 
 
 def units_dir(store: Path) -> Path:
-    return Path(store) / UNITS_DIR
+    from cache.storage import as_path
+
+    return as_path(store) / UNITS_DIR
 
 
 def record_path(store: Path, unit_id: int) -> Path:
@@ -223,6 +226,11 @@ def record_path(store: Path, unit_id: int) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    from cache.storage import is_remote, write_json_new
+
+    if is_remote(path):  # no rename on an object store: a conditional put, never an overwrite
+        write_json_new(path, obj)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -237,7 +245,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_records(store: Path) -> dict[int, dict[str, Any]]:
     """Committed unit records by unit id; an unreadable record counts as not committed."""
+    from cache.storage import invalidate
+
     out: dict[int, dict[str, Any]] = {}
+    invalidate(store)  # other ranks commit to the same prefix: no stale listing
     d = units_dir(store)
     if not d.is_dir():
         return out

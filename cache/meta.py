@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cache import layout as L
 from cache.errors import CacheError
 from cache.lock import meta_lock
 
@@ -50,11 +51,38 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta = _open_group(path, "r").attrs.asdict().get("ftpipe")
     if not isinstance(meta, dict) or "status" not in meta:
         raise CacheError(f"{path} is a Zarr group but not an ftpipe cache (no `ftpipe` attributes)")
+    from cache.storage import is_remote
+
+    if is_remote(path):  # the attributes are written once; the status lives in marker objects
+        return _remote_status(path, meta)
+    return meta
+
+
+def _remote_status(path: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    from cache.storage import invalidate, read_json
+
+    invalidate(path)
+    marker = path / L.COMPLETE_MARKER
+    if marker.exists():
+        return {**meta, **read_json(marker)}
+    if any(True for _ in L.units_dir(path).glob("*.json")) if L.units_dir(path).exists() else False:
+        return {**meta, "status": "writing"}
     return meta
 
 
 def update_meta(path: Path, **changes: Any) -> dict[str, Any]:
-    """Read-modify-write of the ``ftpipe`` attributes under the short metadata lock."""
+    """Read-modify-write of the ``ftpipe`` attributes under the short metadata lock.
+
+    On an object store nothing is rewritten: ``status="complete"`` puts the completion marker (once,
+    conditionally) and other statuses follow from the commit records (``_remote_status``)."""
+    from cache.storage import is_remote, write_json_new
+
+    if is_remote(path):
+        if changes.get("status") == "complete":
+            marker = path / L.COMPLETE_MARKER
+            if not marker.exists():
+                write_json_new(marker, {**changes, "updated": _now()})
+        return read_meta(path)
     with meta_lock(path):
         group = _open_group(path)
         meta = dict(group.attrs.asdict()["ftpipe"])

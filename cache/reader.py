@@ -39,10 +39,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     """Store path for a path, a full key or a unique key prefix under ``root``."""
-    p = Path(ref).expanduser()
+    from cache.storage import as_path, check_readable, is_remote
+
+    p = as_path(ref)
+    if is_remote(p):
+        check_readable(p)
     if p.is_dir() and ((p / "zarr.json").is_file() or p.suffix == ".zarr"):
         return p  # a damaged store is still named here, so that reading it can say what is wrong
-    root = Path(root) if root is not None else default_cache_root()
+    root = as_path(root) if root is not None else default_cache_root()
+    if is_remote(root):
+        check_readable(root)
     text = str(ref).lower()
     if not _HEX.match(text):
         raise CacheError(f"no cache at {ref!r}: not a cache folder, and not a key or key prefix (hex)")
@@ -128,7 +134,9 @@ class CacheReader:
     def __init__(self, path: Path, *, verify: bool = True) -> None:
         import zarr
 
-        self.path = Path(path)
+        from cache.storage import as_path
+
+        self.path = as_path(path)
         self.verify = verify
         self.attrs: dict[str, Any] = _read_meta(self.path)
         self._group = zarr.open_group(str(self.path), mode="r")
@@ -407,14 +415,18 @@ def _dir_size(path: Path) -> tuple[int, int]:
 
 def list_caches(root: Path) -> list[dict[str, Any]]:
     """One dict per store under ``root`` (newest first); unreadable stores are listed as ``broken``."""
-    root = Path(root)
+    from cache.storage import as_path, check_readable, is_remote, tree_size
+
+    root = as_path(root)
+    if is_remote(root):
+        check_readable(root)
     out: list[dict[str, Any]] = []
     if not root.is_dir():
         return out
     for d in root.glob("*.zarr"):
         if not d.is_dir():
             continue
-        size, files = _dir_size(d)
+        size, files = tree_size(d) if is_remote(d) else _dir_size(d)
         try:
             meta = _read_meta(d)
         except CacheError as exc:
@@ -441,7 +453,17 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
 
 def remove_cache(ref: str | Path, *, root: Path | None = None) -> Path:
     """Delete a store; refuses (CacheLockedError) while a writer holds it."""
+    from cache.storage import is_remote, remove_tree
+
     path = resolve_cache(ref, root=root)
+    if is_remote(path):
+        # no locks on an object store: the completion marker goes first, so a reader never sees a
+        # complete cache while its objects are being deleted
+        _read_meta(path)
+        remove_tree(path / L.COMPLETE_MARKER)
+        remove_tree(path)
+        log.info("removed cache %s", path)
+        return path
     try:
         _read_meta(path)
     except CacheError as exc:

@@ -31,7 +31,9 @@ def verify_cache(path: Path) -> VerifyReport:
     from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
     from cache.meta import read_meta
 
-    path = Path(path)
+    from cache.storage import as_path
+
+    path = as_path(path)
     meta = read_meta(path)
     lay = meta["layout"]
     specs = [ArraySpec.from_dict(d) for d in meta["schema"]["arrays"]]

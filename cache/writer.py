@@ -19,7 +19,7 @@ import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,8 +54,21 @@ def create_cache(
     unit_rows: int | None = None,
 ) -> Path:
     """Lay out a new cache (status ``planned``) or return the existing store with the same key."""
-    root = Path(root)
+    from cache.storage import as_path, check_writable, is_remote
+
+    root = as_path(root)
+    remote = is_remote(root)
+    if remote:
+        check_writable(root)  # an unreachable endpoint or a read-only bucket: one line, before any work
+        # Unsharded by default here too: units are whole chunks, so no two writers ever touch one object,
+        # and chunks are already ~4 MiB objects; sharding (one object per unit) read 1.6x slower and wrote
+        # 1.8x slower on an S3 server (benchmarks/object_store.py). ExtractConfig.shard_rows still shards.
     path = cache_path(root, key)
+    if remote and path.exists() and not (path / "zarr.json").exists():
+        from cache.storage import remove_tree
+
+        log.warning("%s holds an unfinished plan (no group metadata): planning it again", path)
+        remove_tree(path)  # only array metadata and indexes: no unit was ever written without the group
     if path.exists():
         return _existing(path, key)
     _check_json("key_record", key_record)
@@ -75,6 +88,25 @@ def create_cache(
         indexes[group] = index
         lay["ragged"][group].update(total=total, index_sha256=L.sha256_of(index))
 
+    ftpipe_attrs = {
+        **attrs,
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "key_record": key_record,
+        "status": "planned",
+        "created": _now(),
+        "updated": _now(),
+        "ftpipe_version": _ftpipe_version(),
+        "n_samples": schema.n_samples,
+        "split_names": list(schema.split_names),
+        "schema": schema.describe(),
+        "layout": lay,
+    }
+    if remote:
+        _create_remote(path, schema=schema, lay=lay, indexes=indexes, ftpipe_attrs=ftpipe_attrs)
+        log.info("planned cache %s: %d samples, %d units of %d rows", path, schema.n_samples, len(units),
+                 lay["unit_rows"])
+        return path
     root.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: a crash never leaves a half-made store under the
     # real name, and two processes creating the same key race harmlessly on the rename.
@@ -97,20 +129,7 @@ def create_cache(
             z[:] = index
             z.attrs["meaning"] = f"[start, length] of each sample's rows in the flat {g}/* arrays"
         (tmp / L.UNITS_DIR).mkdir(parents=True)
-        group.attrs["ftpipe"] = {
-            **attrs,
-            "schema_version": SCHEMA_VERSION,
-            "key": key,
-            "key_record": key_record,
-            "status": "planned",
-            "created": _now(),
-            "updated": _now(),
-            "ftpipe_version": _ftpipe_version(),
-            "n_samples": schema.n_samples,
-            "split_names": list(schema.split_names),
-            "schema": schema.describe(),
-            "layout": lay,
-        }
+        group.attrs["ftpipe"] = ftpipe_attrs
         try:
             os.rename(tmp, path)
         except OSError:
@@ -123,6 +142,49 @@ def create_cache(
         raise
     log.info("planned cache %s: %d samples, %d units of %d rows", path, schema.n_samples, len(units), lay["unit_rows"])
     return path
+
+
+def _create_remote(path: Any, *, schema: CacheSchema, lay: dict[str, Any], indexes: dict[str, np.ndarray],
+                   ftpipe_attrs: dict[str, Any]) -> None:
+    """Plan a store on an object store: every array's metadata (and ragged index) first, the group's
+    ``zarr.json`` with the ``ftpipe`` attributes last and once; its presence means the plan is whole."""
+    import zarr
+
+    base = str(path)
+    made: set[str] = set()
+
+    def parents(name: str) -> None:
+        # each array is created at its own URL (creating it by name from the root would write the
+        # root group's zarr.json first); its intermediate groups are written here, the root group last
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in made:
+                zarr.create_group(f"{base}/{sub}")
+                made.add(sub)
+
+    try:
+        for spec in schema.arrays:
+            n_rows = schema.n_samples if spec.ragged is None else lay["ragged"][spec.ragged]["total"]
+            attributes = {"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged}
+            if spec.name == "split":
+                attributes["names"] = list(schema.split_names)
+            parents(spec.name)
+            zarr.create_array(f"{base}/{spec.name}", attributes=attributes,
+                              **L.array_kwargs(spec, layout=lay, n_rows=n_rows))
+        for g, index in indexes.items():
+            parents(f"{g}/index")
+            z = zarr.create_array(f"{base}/{g}/index", shape=index.shape, dtype="int64",
+                                  chunks=(lay["chunk_rows"], 2), compressors=None, fill_value=0,
+                                  attributes={"meaning": f"[start, length] of each sample's rows in the flat {g}/* arrays"})
+            z[:] = index
+        zarr.create_group(base, attributes={"ftpipe": ftpipe_attrs})
+    except CacheError:
+        raise
+    except Exception as exc:
+        from cache.storage import explain
+
+        raise explain(exc, path) from None
 
 
 def _existing(path: Path, key: str) -> Path:
@@ -160,6 +222,14 @@ class _UnitBuffer:
                 self.arrays[s.name] = buf
 
 
+class _NoLock:
+    def acquire(self, **_: Any) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class CacheWriter:
     """Context manager that fills a planned cache; see the module docstring."""
 
@@ -172,10 +242,16 @@ class CacheWriter:
         world_size: int = 1,
         background: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        assigned: Collection[int] | None = None,
     ) -> None:
+        # assigned: the unit ids this rank writes, decided once by rank 0 (pipeline/distributed.py);
+        # None keeps the static split by ``unit id % world_size``.
+        self._assigned = None if assigned is None else frozenset(int(i) for i in assigned)
         if world_size < 1 or not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.path = Path(path)
+        from cache.storage import as_path, is_remote
+
+        self.path = as_path(path)
         self.rank, self.world_size = rank, world_size
         self._wait, self._on_wait, self._background = wait, on_wait, background
         meta = read_meta(self.path)
@@ -186,7 +262,10 @@ class CacheWriter:
         self._layout = lay
         self.units: list[Unit] = L.units_of(n_samples=self.n_samples, unit_rows=int(lay["unit_rows"]))
         self._unit_rows = int(lay["unit_rows"])
-        self._lock = StoreLock(self.path / L.PRIVATE_DIR / "writer.lock", shared=world_size > 1)
+        # no file locks on an object store: ranks get disjoint units from one snapshot, and commit
+        # records are conditional puts, so a second writer of a unit fails instead of overwriting
+        self._lock: Any = (_NoLock() if is_remote(self.path) else
+                           StoreLock(self.path / L.PRIVATE_DIR / "writer.lock", shared=world_size > 1))
         self._index: dict[str, np.ndarray] = {}
         self._extents: dict[str, list[tuple[int, int, int]]] = {}
         self._committed: set[int] = set()
@@ -252,6 +331,8 @@ class CacheWriter:
     # ---------------------------------------------------------------- units
 
     def _mine(self, u: Unit) -> bool:
+        if self._assigned is not None:
+            return u.id in self._assigned
         return u.id % self.world_size == self.rank
 
     def pending_units(self) -> list[Unit]:

@@ -21,7 +21,7 @@ def list_rows(*, root: Path) -> list[dict[str, Any]]:
     """One JSON-able dict per cache under ``root``, newest first."""
     from cache.reader import list_caches
 
-    return list_caches(Path(root))
+    return list_caches(root)
 
 
 def format_rows(rows: list[dict[str, Any]], *, root: Path | None = None) -> str:
@@ -49,7 +49,7 @@ def info(*, ref: str, root: Path) -> dict[str, Any]:
     from cache import layout as L
     from cache.reader import open_cache
 
-    reader = open_cache(ref, root=Path(root), require_complete=False)
+    reader = open_cache(ref, root=root, require_complete=False)
     lay = reader.attrs["layout"]
     arrays = []
     for spec in reader.arrays():
@@ -112,10 +112,10 @@ def verify(*, ref: str, root: Path) -> Any:
     from cache.reader import resolve_cache
     from cache.verify import verify_cache
 
-    return verify_cache(resolve_cache(ref, root=Path(root)))
+    return verify_cache(resolve_cache(ref, root=root))
 
 
 def remove(*, ref: str, root: Path) -> Path:
     from cache.reader import remove_cache
 
-    return remove_cache(ref, root=Path(root))
+    return remove_cache(ref, root=root)

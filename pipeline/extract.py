@@ -297,13 +297,16 @@ def _autocast(device: Any, dtype: str) -> Any:
 
 def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, force: bool = False, wait: bool = True,
                 progress: bool = True, rank: int = 0, world_size: int = 1, config_dir: Path | None = None,
-                unit_rows: int | None = None, verify: bool = False) -> ExtractResult:
+                unit_rows: int | None = None, verify: bool = False, coordinator: Any = None) -> ExtractResult:
     """Extract (or reuse, or resume) the cache for ``config`` + ``checkpoint``; see the module docstring.
 
     ``verify``: before reusing a complete cache, recompute its checksums (else only the cheap check:
     commit records, chunk files and their sizes); damaged units are re-extracted either way.
     ``config_dir``: the YAML's folder, where a ``class_path`` module is also looked for.
     ``unit_rows``: rows per resumable unit (default: the cache layout's choice, ~32 MiB).
+    ``coordinator``: a ``pipeline.distributed.Coordinator`` under torchrun (it replaces ``rank`` and
+    ``world_size``): rank 0 alone removes (--force), plans the store and snapshots its pending units;
+    every rank writes a disjoint share of that one snapshot; rank 0 verifies and completes after a barrier.
     """
     import torch
 
@@ -313,6 +316,12 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     from cache.writer import CacheWriter, create_cache, read_meta
     from pipeline.data import open_data
 
+    from pipeline.distributed import Coordinator, rank_device
+
+    coord = coordinator if coordinator is not None else Coordinator()
+    if coord.distributed:
+        rank, world_size = coord.rank, coord.world_size
+        progress = progress and coord.is_main  # one progress bar, rank 0's
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -321,54 +330,65 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
         from pipeline.hf import read_folder
 
         read_folder(checkpoint)  # says what the folder lacks
-    cache_root = Path(cache_root)
-    from pipeline.preflight import ensure_writable_dir
+    from cache.storage import as_path, check_writable, is_remote
 
-    ensure_writable_dir(cache_root, what="cache root", fix="pass --cache-root DIR (or set FTPIPE_CACHE) to a folder "
-                        "you can write to")
+    cache_root = as_path(cache_root)  # a Path, or a UPath on an object store (s3://bucket/prefix)
+    if is_remote(cache_root):
+        check_writable(cache_root)
+    else:
+        from pipeline.preflight import ensure_writable_dir
+
+        ensure_writable_dir(cache_root, what="cache root", fix="pass --cache-root DIR (or set FTPIPE_CACHE) to a "
+                            "folder you can write to")
+
     tokenizer = _tokenizer_dir(config, checkpoint)
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed,
                        tokenizer_dir=tokenizer, model_dir=checkpoint if checkpoint.is_dir() else None)
     plan = source.plan()
-    cache_root.mkdir(parents=True, exist_ok=True)
-    record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=cache_root),
+    memo = None if is_remote(cache_root) else cache_root
+    record = key_record(config=config, checkpoint_digest=checkpoint_digest(checkpoint, memo_dir=memo),
                         data_fingerprint=plan.fingerprint,
                         code=class_code_record(config=config, config_dir=Path(config_dir) if config_dir else None),
-                        tokenizer_digest=checkpoint_digest(tokenizer, memo_dir=cache_root) if tokenizer else None)
+                        tokenizer_digest=checkpoint_digest(tokenizer, memo_dir=memo) if tokenizer else None)
     key = make_key(record)
     path = cache_path(cache_root, key)
 
-    if path.exists() and force:
-        from cache.reader import remove_cache
+    def existing() -> dict[str, Any] | None:
+        if path.exists() and force:
+            from cache.reader import remove_cache
 
-        remove_cache(path, root=cache_root)
-        log.info("removed %s (--force)", path)
-    if path.exists():
-        try:
-            meta = read_meta(path)
-        except CacheError as exc:
-            raise CacheError(f"{exc}; the store for this key is damaged: pass --force to replace it") from None
-        if meta["status"] == "complete":
-            from cache.verify import check_files, reopen_units, verify_cache
+            remove_cache(path, root=cache_root)
+            log.info("removed %s (--force)", path)
+        if path.exists():
+            try:
+                meta = read_meta(path)
+            except CacheError as exc:
+                raise CacheError(f"{exc}; the store for this key is damaged: pass --force to replace it") from None
+            if meta["status"] == "complete":
+                from cache.verify import check_files, reopen_units, verify_cache
 
-            # never "reused" without looking: the cheap check (records, chunk files and sizes) always,
-            # the checksums with --verify; damaged units are re-extracted, the rest kept
-            check = verify_cache(path) if verify else check_files(path)
-            if check.ok:
-                log.info("cache %s is complete; reusing it without running the backbone", path)
-                return ExtractResult(key=key, path=path, status="complete", reused=True,
-                                     n_samples=int(meta["n_samples"]), arrays=_arrays_info(meta),
-                                     seconds=time.perf_counter() - t_start)
-            if not check.bad_units:
-                raise CacheError(f"cache {path} is damaged beyond its units ({'; '.join(check.problems[:2])}); "
-                                 "pass --force to extract it again")
-            log.warning("cache %s is damaged (%s); re-extracting %d damaged unit(s)", path,
-                        "; ".join(check.problems[:3]), len(check.bad_units))
-            reopen_units(path, check.bad_units)
-            meta = read_meta(path)
-        log.info("resuming cache %s (status %s)", path, meta["status"])
+                # never "reused" without looking: the cheap check (records, chunk files and sizes) always,
+                # the checksums with --verify; damaged units are re-extracted, the rest kept
+                check = verify_cache(path) if verify else check_files(path)
+                if check.ok:
+                    return meta
+                if not check.bad_units:
+                    raise CacheError(f"cache {path} is damaged beyond its units ({'; '.join(check.problems[:2])}); "
+                                     "pass --force to extract it again")
+                log.warning("cache %s is damaged (%s); re-extracting %d damaged unit(s)", path,
+                            "; ".join(check.problems[:3]), len(check.bad_units))
+                reopen_units(path, check.bad_units)
+                meta = read_meta(path)
+            log.info("resuming cache %s (status %s)", path, meta["status"])
+        return None
 
-    device = resolve_device(config.device)
+    done_meta = coord.on_main(existing)  # under torchrun only rank 0 looks (and removes with --force)
+    if done_meta is not None:
+        log.info("cache %s is complete; reusing it without running the backbone", path)
+        return ExtractResult(key=key, path=path, status="complete", reused=True, n_samples=int(done_meta["n_samples"]),
+                             arrays=_arrays_info(done_meta), seconds=time.perf_counter() - t_start)
+
+    device = rank_device(coord, resolve_device(config.device))
     backbone, report, ckpt_fmt = load_frozen_backbone(config=config, checkpoint=checkpoint, plan=plan,
                                                       device=device, config_dir=config_dir)
     name = config.backbone.name or str(config.backbone.class_path)
@@ -399,13 +419,25 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                        "dropped": list(report.dropped), "frozen_parameters": report.frozen},
         "extract": {"dtype": config.dtype, "extractor_version": EXTRACTOR_VERSION, "device": device.type},
     }
-    path = create_cache(root=cache_root, key=key, key_record=record, schema=schema, attrs=attrs,
-                        shard_rows=config.shard_rows, unit_rows=unit_rows)
+    path = coord.on_main(lambda: create_cache(root=cache_root, key=key, key_record=record, schema=schema, attrs=attrs,
+                                              shard_rows=config.shard_rows, unit_rows=unit_rows))
+    assigned = None
+    if coord.distributed:
+        # One snapshot, read by rank 0 only: ranks that each read the store could disagree (a unit
+        # committed between two reads) and a unit would then belong to nobody.
+        from cache.layout import read_records, units_of
+
+        def pending_ids() -> list[int]:
+            lay = read_meta(path)["layout"]
+            done = set(read_records(path))
+            return [u.id for u in units_of(n_samples=plan.n_samples, unit_rows=int(lay["unit_rows"])) if u.id not in done]
+
+        assigned = coord.assign(coord.on_main(pending_ids))
 
     samples_run = 0
     t_run = time.perf_counter()
     with CacheWriter(path, wait=wait, rank=rank, world_size=world_size, background=True,
-                     on_wait=lambda msg: log.warning("%s", msg)) as writer:
+                     on_wait=lambda msg: log.warning("%s", msg), assigned=assigned) as writer:
         pending = writer.pending_units()
         batches = _batches(_contiguous_runs(pending), config.batch_size)
         n_pending = sum(len(b) for b in batches)
@@ -416,7 +448,12 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
             samples_run = _run_batches(backbone=backbone, name=name, source=source, dataset=dataset, plan=plan,
                                        batches=batches, specs=out_specs, lengths=lengths, writer=writer,
                                        config=config, device=device, progress=progress)
-        complete = writer.finalize()
+        if coord.distributed:
+            writer.flush()  # this rank's units are committed before it reaches the barrier
+            coord.barrier()
+            complete = coord.on_main(writer.finalize)
+        else:
+            complete = writer.finalize()
     run_seconds = time.perf_counter() - t_run
     seconds = time.perf_counter() - t_start
     meta = read_meta(path)

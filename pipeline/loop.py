@@ -133,10 +133,12 @@ class RowBatches:
     (the same order on every device), in slices of ``batch_size``; a trailing one-row slice is skipped
     when ``drop_single`` (BatchNorm cannot train on one row)."""
 
-    def __init__(self, rows: "torch.Tensor", *, batch_size: int, seed: int, drop_single: bool) -> None:
+    def __init__(self, rows: "torch.Tensor", *, batch_size: int, seed: int, drop_single: bool,
+                 epoch_order: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None) -> None:
         import torch
 
         self.rows = rows
+        self.epoch_order = epoch_order
         self.n = int(rows.numel())
         self.bs = min(int(batch_size), self.n)
         self.gen = torch.Generator().manual_seed(int(seed))
@@ -154,7 +156,10 @@ class RowBatches:
 
     def __next__(self) -> "torch.Tensor":
         if self._pos >= len(self.slices):
-            self._perm = self.rows.index_select(0, self.next_order().to(self.rows.device))
+            if self.epoch_order is not None:
+                self._perm = self.epoch_order(self.rows, self.gen)
+            else:
+                self._perm = self.rows.index_select(0, self.next_order().to(self.rows.device))
             self._pos = 0
         sl = self.slices[self._pos]
         self._pos += 1
@@ -192,6 +197,9 @@ class StepData:
     val_loss_fn: LossFn | None = None  # default loss_fn
     metrics_fn: MetricsFn | None = None  # extra val_* columns per evaluation
     eval_batch_size: int = 4096
+    # (rows, generator) -> one epoch's order of rows; None = a uniform permutation. A streamed cache
+    # (pipeline/streaming.py) orders block by block so every block is read once per epoch.
+    epoch_order: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +246,7 @@ class SingleStep:
         lam = options.lr_lambda or (lambda s: 1.0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lam)
         self.batches = RowBatches(data.train_rows, batch_size=options.batch_size, seed=optim.seed,
-                                  drop_single=options.drop_single)
+                                  drop_single=options.drop_single, epoch_order=data.epoch_order)
         self.y_val = data.targets.index_select(0, data.val_rows)
 
     def train_step(self) -> "torch.Tensor":

@@ -423,14 +423,46 @@ class _Plan:
     run_ids: list[str] = field(default_factory=list)  # all of them, in trial order (stable across reruns)
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/3"`` -> ``(2, 3)``: the 2nd of 3 parts of a grid (parts count from 1, like ``--array=1-3``)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise ConfigError(f"--shard must be I/N (e.g. 2/3, the 2nd of 3 parts); got {text!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise ConfigError(f"--shard {text}: parts count from 1, so I must be in 1..N (for a job array "
+                          f"`--array=1-{max(n, 1)}` and `--shard $SLURM_ARRAY_TASK_ID/{max(n, 1)}`)")
+    return i, n
+
+
+def shard_of(pairs: Sequence[tuple[str, int]], shard: tuple[int, int] | None) -> set[tuple[str, int]]:
+    """This shard's (cache key, trial index) pairs: round robin over the pairs in a fixed order.
+
+    The order depends only on the cache keys and the grid (not on the order of --cache options), so
+    every job of an array computes the same partition; round robin spreads each stackable group (an
+    lr axis, seeds) over all parts, which keeps the parts' running times even.
+    """
+    ordered = sorted(pairs)
+    if shard is None:
+        return set(ordered)
+    i, n = shard
+    return set(ordered[i - 1 :: n])
+
+
 def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: SweepSpec, runs_dir: Path,
               strategy: str = "auto", progress: bool = False,
-              on_run: Callable[[str], None] | None = None, verify: bool = True) -> SweepResult:
+              on_run: Callable[[str], None] | None = None, verify: bool = True,
+              shard: tuple[int, int] | None = None) -> SweepResult:
     """Train every trial of ``spec`` on every cache, each cache loaded once; record runs and the sweep.
 
     ``on_run(run_id)`` is called after each run is recorded (progress hooks, tests). ``verify``: check the
     loaded arrays against the caches' unit checksums. Sweeps may run concurrently into one runs dir: each
     run is claimed by a lock, so a configuration is trained and recorded once.
+    ``shard=(i, n)``: only the i-th of n deterministic parts of the (cache x trial) grid; the runs keep
+    the whole sweep's id, so `ftpipe results --sweep ID` shows the whole grid once every part is in, and
+    the part's record is ``runs/sweeps/<sweep_id>.shard-<i>-of-<n>.json``.
     """
     from cache.reader import open_cache
     from pipeline import results as R
@@ -461,9 +493,12 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
     recorded = {(r.get("cache_key"), r.get("config_id"), r.get("seed")): r["run_id"]
                 for r in R.read_results(runs_dir=runs_dir)}
     plans: list[_Plan] = []
+    mine = shard_of([(key, j) for key in readers for j in range(len(trials))], shard)
     for key, reader in readers.items():
         plan = _Plan(reader=reader, key=key)
-        for trial in trials:
+        for j, trial in enumerate(trials):
+            if (key, j) not in mine:
+                continue  # another part of a sharded sweep
             rid = trial.run_id(key)
             cid = T.config_id(config=trial.config, cache_key=key)
             if (runs_dir / R.RESULTS_SUBDIR / f"{rid}.parquet").exists():
@@ -476,11 +511,13 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
             plan.run_ids.append(rid)
         plans.append(plan)
 
-    record_path = runs_dir / "sweeps" / f"{sweep_id}.json"
+    record_name = sweep_id if shard is None else f"{sweep_id}.shard-{shard[0]}-of-{shard[1]}"
+    record_path = runs_dir / "sweeps" / f"{record_name}.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
     record: dict[str, Any] = {
         "sweep_id": sweep_id, "status": "running", "created": previous.get("created") or _now(), "updated": _now(),
         "spec": spec.to_dict(), "strategy": strategy, "device": str(device),
+        "shard": list(shard) if shard else None, "grid_runs": len(trials) * len(readers),
         "caches": [{"ref": refs[p.key], "key": p.key, "path": str(p.reader.path), "runs": len(p.todo) + len(p.done),
                     "skipped": len(p.done)} for p in plans],
         "run_ids": [rid for p in plans for rid in p.run_ids],
@@ -724,6 +761,9 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
     if family.kind != "torch":
         # e.g. `linear`: one full-batch L-BFGS solve per L2 strength, no SGD steps for vmap to batch
         return f"{family.name} fits itself ({'full-batch L-BFGS / closed form' if family.name == 'linear' else 'not by SGD steps'}), not by the SGD loop", None
+    if getattr(features, "streamed", False):
+        # K independent orders would read every block K times per epoch (pipeline/streaming.py)
+        return "the cache is streamed (over the memory budget)", None
     target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
     train_rows = features.rows("train")
     task = T.resolve_task(config=configs[0], features=features, target=target, train_rows=train_rows)

@@ -216,10 +216,14 @@ def load_features(*, cache: Any, arrays: Iterable[str], targets: Iterable[str], 
     budget = memory_budget_bytes(device=device, budget_gb=memory_budget_gb)
     need = sum(sizes.values())
     if need > budget:
+        # over the budget: stream the arrays in blocks instead of refusing (pipeline/streaming.py)
+        from pipeline.streaming import streamed_features
+
         detail = ", ".join(f"{n} {s / 1e9:.2f} GB" for n, s in sorted(sizes.items(), key=lambda kv: -kv[1]))
-        raise TrainError(f"the arrays this head needs take {need / 1e9:.2f} GB but the {device.type} memory budget is "
-                         f"{budget / 1e9:.2f} GB ({detail}); raise memory_budget_gb, use a smaller cache "
-                         f"(--dtype float16 extraction, fewer taps) or another device")
+        return streamed_features(cache=cache, arrays=arrays, target_names=target_names, specs=specs, device=device,
+                                 budget=budget, need=need,
+                                 why=f"the arrays this head needs take {need / 1e9:.2f} GB but the {device.type} "
+                                     f"memory budget is {budget / 1e9:.2f} GB ({detail})")
     t0 = time.perf_counter()
     loaded = cache.load(arrays + target_names, device=device, dtype=torch.float32)
     for n in arrays:
@@ -423,7 +427,8 @@ def loop_parts(*, task: "Task", features: FeatureSet, target: str, inputs: tuple
 
     data = L.StepData(batch_fn=functools.partial(features.batch, inputs), targets=y_all, train_rows=train_rows,
                       val_rows=val_rows, loss_fn=functools.partial(task.loss_fn, masked=train_masked),
-                      val_loss_fn=functools.partial(task.loss_fn, masked=val_masked), metrics_fn=metrics_fn)
+                      val_loss_fn=functools.partial(task.loss_fn, masked=val_masked), metrics_fn=metrics_fn,
+                      epoch_order=getattr(features, "epoch_order", None))
     budget = L.budget_for(config=config, n_train=int(train_rows.numel()), n_val=int(val_rows.numel()),
                           drop_single=drop_single)
     options = L.StepOptions(batch_size=min(config.batch_size, int(train_rows.numel())), grad_clip=config.grad_clip,

@@ -56,6 +56,15 @@ class SlowNet(TinyNet):
         return super().forward(x)
 
 
+class DiesOnRank1(TinyNet):
+    """Rank 1 of a torchrun job is killed at its second forward (after the shape probe)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        if os.environ.get("RANK") == "1" and FORWARD_CALLS["n"] >= 1:
+            os.kill(os.getpid(), 9)
+        return super().forward(x)
+
+
 class LightningLike(nn.Module):
     """What a Lightning training module saves: the backbone under ``model.`` plus a head."""
 

@@ -119,14 +119,23 @@ class LightGBMHead:
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
         import lightgbm as lgb
         import numpy as np
+        import torch
 
-        xtr, xva = self.matrix(features=features, rows=train_rows), self.matrix(features=features, rows=val_rows)
         ytr, ktr = self.labels(features=features, target=target, rows=train_rows)
         yva, kva = self.labels(features=features, target=target, rows=val_rows)
+        if hasattr(features, "lgb_sequence"):
+            # a cache over the memory budget: LightGBM reads the rows batch by batch (pipeline/streaming.py)
+            kept = train_rows[torch.from_numpy(ktr).to(train_rows.device)]
+            xtr_kept: Any = features.lgb_sequence(self.inputs, kept)
+            n_cells = len(xtr_kept) * sum(int(np.prod(s)) for s in features.shapes(self.inputs).values())
+        else:
+            xtr = self.matrix(features=features, rows=train_rows)
+            xtr_kept, n_cells = xtr[ktr], int(xtr[ktr].size)
+        xva = self.matrix(features=features, rows=val_rows)
         weight = None
         if self.task.class_weights is not None:
             weight = np.asarray(self.task.class_weights)[ytr[ktr].astype(int)]
-        dtrain = lgb.Dataset(xtr[ktr], ytr[ktr], weight=weight, free_raw_data=False)
+        dtrain = lgb.Dataset(xtr_kept, ytr[ktr], weight=weight, free_raw_data=False)
         dval = lgb.Dataset(xva[kva], yva[kva], reference=dtrain, free_raw_data=False)
         evals: dict[str, Any] = {}
         callbacks = [lgb.record_evaluation(evals)]
@@ -134,7 +143,7 @@ class LightGBMHead:
             callbacks.append(lgb.early_stopping(int(self.params["early_stopping_rounds"]), first_metric_only=True,
                                                 verbose=False))
         t0 = time.perf_counter()
-        bparams = booster_params(params=self.params, task=self.task, seed=config.seed, n_cells=int(xtr[ktr].size))
+        bparams = booster_params(params=self.params, task=self.task, seed=config.seed, n_cells=n_cells)
         self.booster = lgb.train(bparams, dtrain,
                                  num_boost_round=int(self.params["n_estimators"]), valid_sets=[dtrain, dval],
                                  valid_names=["train", "val"], callbacks=callbacks)

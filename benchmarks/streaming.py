@@ -1,0 +1,140 @@
+"""Streamed vs in-memory head training on a local disk, side by side, one run.
+
+    python benchmarks/streaming.py            # 400k x 256 float16 (~205 MB stored, ~410 MB as float32)
+    python benchmarks/streaming.py --quick    # 4x smaller
+
+Each way runs in its own child process (so their peak resident memory is their own) and trains the
+same ``linear`` head for ``--epochs`` epochs, batch 1024, on CPU:
+- in memory: ``load_features`` with no budget (the whole float32 array resident);
+- streamed: ``--budget-frac`` (default 0.25; 0.5 with --quick) of the float32 size as ``memory_budget_gb``, so
+  ``load_features`` streams chunk-aligned float16 blocks with a prefetch thread.
+Printed: the median epoch time of each (epochs after the first), their ratio (in-memory / streamed,
+target >= 0.7x), and each child's peak RSS above its RSS right after imports, next to the budget
+(target: streaming stays under it). Epoch times include the validation pass of each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(root: Path, *, n: int, d: int) -> Path:
+    from cache.key import make_key
+    from cache.schema import ArraySpec, CacheSchema
+    from cache.writer import CacheWriter, create_cache
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(d).astype(np.float32)
+    schema = CacheSchema(n_samples=n, arrays=(
+        ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+        ArraySpec("targets/y", "float32", fill=float("nan")),
+        ArraySpec("pooled/mean", "float16", (d,)),
+    ), ragged_lengths={})
+    record = {"bench": "streaming", "n": n, "d": d}
+    path = create_cache(root=root, key=make_key(record), key_record=record, schema=schema, attrs={"backbone": "bench"})
+    step = 65536
+    with CacheWriter(path) as writer:
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            x = rng.standard_normal((e - s, d)).astype(np.float32)
+            writer.write_batch(s, {"sample_id": np.arange(s, e), "split": (np.arange(s, e) % 10 >= 8).astype(np.uint8),
+                                   "targets/y": ((x @ w) > 0).astype(np.float32), "pooled/mean": x.astype(np.float16)})
+        assert writer.finalize()
+    return path
+
+
+def child(path: str, budget_gb: float | None, epochs: int) -> None:
+    import torch
+
+    from cache.reader import open_cache
+    from pipeline.config import TrainConfig
+    from pipeline.train import fit, load_features
+
+    from pipeline.train import FeatureSet
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    # a tiny fit first: lazy imports (metrics, sklearn) and allocator arenas count in the base, not in either way
+    rng = np.random.default_rng(0)
+    warm = FeatureSet.from_tensors(arrays={"pooled/mean": rng.standard_normal((64, 8)).astype(np.float32)},
+                                   targets={"y": (np.arange(64) % 2).astype(np.float32)},
+                                   split=(np.arange(64) % 3).astype(np.uint8), device=torch.device("cpu"))
+    fit(config=TrainConfig(arch="linear", task="classify", target="y", epochs=1), features=warm)
+    base = _rss_mb()
+    reader = open_cache(path)
+    t0 = time.perf_counter()
+    feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=torch.device("cpu"),
+                          memory_budget_gb=budget_gb)
+    load_s = time.perf_counter() - t0
+    res = fit(config=TrainConfig(arch="linear", task="classify", target="y", epochs=epochs, batch_size=1024,
+                                 lr=1e-2, patience=0), features=feats)
+    epoch_s = [row["seconds"] for row in res.history]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"streamed": type(feats).__name__ == "StreamedFeatureSet", "load_s": load_s, "epoch_s": epoch_s,
+                      "rss_base_mb": base, "rss_peak_mb": peak, "val_auroc": res.metrics["val"].get("auroc")}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--budget-frac", type=float, default=None,
+                    help="Budget as a share of the float32 size [0.25; 0.5 with --quick, whose chunks are large for it].")
+    ap.add_argument("--keep", type=Path, default=None, help="Build the cache here (and keep it).")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        path, budget, epochs = args.child
+        child(path, None if budget == "none" else float(budget), int(epochs))
+        return
+    n, d = (100_000, 256) if args.quick else (400_000, 256)
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="ftpipe-stream-bench-"))
+    t0 = time.perf_counter()
+    path = build(tmp, n=n, d=d)
+    f32_gb = n * d * 4 / 1e9
+    budget = (args.budget_frac or (0.5 if args.quick else 0.25)) * f32_gb
+    print(f"cache {path}: {n} x {d} float16 ({n * d * 2 / 1e6:.0f} MB stored, {f32_gb * 1e3:.0f} MB as float32), "
+          f"built in {time.perf_counter() - t0:.1f} s; streaming budget {budget * 1e3:.0f} MB")
+    out = {}
+    for name, b in (("in-memory", "none"), ("streamed", str(budget))):
+        proc = subprocess.run([sys.executable, __file__, "--child", str(path), b, str(args.epochs)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            sys.exit(f"{name} child failed:\n{proc.stderr[-3000:]}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{'':10} {'load s':>7} {'epoch s (median)':>17} {'peak RSS over base MB':>22} {'val AUROC':>10}")
+    med = {}
+    for name, r in out.items():
+        med[name] = float(np.median(r["epoch_s"][1:] or r["epoch_s"]))
+        print(f"{name:10} {r['load_s']:7.2f} {med[name]:17.3f} {r['rss_peak_mb'] - r['rss_base_mb']:22.0f} "
+              f"{r['val_auroc']:10.4f}")
+    assert out["streamed"]["streamed"] and not out["in-memory"]["streamed"]
+    ratio = med["in-memory"] / med["streamed"]
+    over = out["streamed"]["rss_peak_mb"] - out["streamed"]["rss_base_mb"]
+    print(f"streamed epoch speed vs in memory: {ratio:.2f}x (target >= 0.7x)")
+    print(f"streamed peak RSS over base: {over:.0f} MB vs budget {budget * 1e3:.0f} MB "
+          f"({'under' if over <= budget * 1e3 else 'OVER'} the budget)")
+
+
+if __name__ == "__main__":
+    main()
