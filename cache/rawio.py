@@ -172,7 +172,12 @@ def remove_temporaries(store: Path) -> int:
 
     Only call it while no other process writes the store (the exclusive writer lock, or after every
     unit is committed): a live writer's temporary file looks the same. Returns the number removed.
+    An object store has none: its puts are whole objects, never renamed into place.
     """
+    from cache.storage import is_remote
+
+    if is_remote(store):
+        return 0
     n = 0
     for dirpath, _dirnames, filenames in os.walk(store):
         for name in filenames:

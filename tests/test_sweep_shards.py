@@ -63,7 +63,7 @@ def test_three_shard_processes_equal_one_sweep(tmp_path):
     def board(runs: Path) -> dict[str, dict]:
         r = CliRunner().invoke(main, ["results", "--runs-dir", str(runs), "--sweep", sid, "--format", "json"])
         assert r.exit_code == 0, r.output
-        return {row["config_id"]: row for row in json.loads(r.output)}
+        return {row["config_id"]: row for sec in json.loads(r.output)["sections"] for row in sec["rows"]}
 
     a, b = board(tmp_path / "sharded"), board(tmp_path / "one")
     assert set(a) == set(b) and len(a) == 4  # 4 configurations x 2 seeds
