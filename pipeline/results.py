@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULTS_SUBDIR = "results"
-ID_COLUMNS = ("config_id", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id")
+ID_COLUMNS = ("config_id", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id",
+              "strategy", "parent_run")  # the last two: fine-tuned runs (pipeline/finetune)
 
 
 def write_table(path: Path, columns: Mapping[str, Any]) -> Path:
@@ -240,7 +241,8 @@ def format_leaderboard(rows: list[dict[str, Any]], *, fmt: str = "table") -> str
     header = ["rank", "arch", "params", "target", "runs"] + metrics + ["config_id"]
     table = [header]
     for r in rows:
-        cells = [str(r["rank"]), str(r.get("arch")), _short(str(r.get("params"))), str(r.get("target")),
+        arch = str(r.get("arch")) + (f" [{r['strategy']}]" if r.get("strategy") else "")  # a fine-tune of that head
+        cells = [str(r["rank"]), arch, _short(str(r.get("params"))), str(r.get("target")),
                  str(r.get("n_runs"))]
         for m in metrics:
             v, s = r.get(m), r.get(f"{m}_std")

@@ -24,7 +24,7 @@ F16_ATOL = 2e-3  # float16 storage: a feature may round one ulp differently when
 def _cli(*args: str) -> dict:
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output.strip().splitlines()[-1])
+    return json.loads([ln for ln in result.output.strip().splitlines() if ln.startswith("{")][-1])
 
 
 def _probe(folder: Path, *, ckpt: Path, data: Path | None = None, backbone: str | None = None,

@@ -17,10 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,8 +171,13 @@ def _write_onnx(module: Any, examples: list, tmp: Path, meta: str, keys: tuple[s
     names = [f"input_{i}" for i in range(len(keys))]
     batch = torch.export.Dim("batch", min=1)
     try:
-        torch.onnx.export(module, examples[0], str(tmp), input_names=names, output_names=["prediction"],
-                          dynamic_shapes=(tuple({0: batch} for _ in keys),), dynamo=True, verbose=False)
+        # the exporter prints its progress on stdout, which must stay clean for --json
+        with contextlib.redirect_stdout(io.StringIO()) as said, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation notices; nothing the user can act on
+            torch.onnx.export(module, examples[0], str(tmp), input_names=names, output_names=["prediction"],
+                              dynamic_shapes=(tuple({0: batch} for _ in keys),), dynamo=True, verbose=False,
+                              external_data=False)  # one self-contained file
+        log.debug("torch.onnx.export: %s", said.getvalue())
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, {"ftpipe": meta})
         onnx.save(proto, str(tmp))
@@ -223,6 +231,7 @@ def export_run(*, run_id: str, runs_dir: Path, out: Path, fmt: str = "torchscrip
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     log.info("exported %s (%s) to %s", run_id, fmt, out)
     return ExportResult(out=out, fmt=fmt, run_id=run_id, inputs=keys, max_abs_diff=diff,
                         seconds=time.perf_counter() - t0)
