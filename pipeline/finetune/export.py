@@ -106,7 +106,7 @@ def _example_batches(run: Any, keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
     n = run.plan.n_samples
     out = []
     for idx in (list(range(min(4, n))), list(range(min(4, n), min(7, n))) or list(range(min(3, n)))):
-        batch = run.source.collate([run.source.dataset()[i] for i in idx])
+        batch = run.source.collate([run.dataset[i] for i in idx])
         out.append(tuple(torch.as_tensor(batch[k]).to(run.model.device) for k in keys))
     return out
 

@@ -90,7 +90,7 @@ def iterate(run: Any, batches: list[list[int]], *, num_workers: int = 0) -> Iter
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(run.source.dataset(), batch_sampler=batches, collate_fn=run.source.collate,
+    loader = DataLoader(run.dataset, batch_sampler=batches, collate_fn=run.source.collate,
                         num_workers=num_workers, pin_memory=run.model.device.type == "cuda")
     for idx, batch in zip(batches, loader):
         yield idx, batch, {g: torch.as_tensor(v[idx]) for g, v in run.lengths.items()}
@@ -164,19 +164,36 @@ def fit_phases(*, run: Any, config: FinetuneConfig, progress: bool = False,
     """Train ``run.model`` in place through the strategy's phases; keep the best-on-val weights.
     ``on_step(phase_index, step, optimizer)`` is called after each optimiser step (tests read lrs there)."""
     import torch
+
+    from pipeline.finetune import strategies as S
+    from pipeline.train import cpu_threads
+
+    t0 = time.perf_counter()
+    model, device = run.model, run.model.device
+    names = [n for n, _ in model.backbone.named_parameters()]
+    S.check_patterns(config.unfreeze, names, backbone=run.backbone_name)
+    layout = S.layout_for(backbone_name=run.family, module=model.backbone, unfreeze=config.unfreeze)
+    plan_phases = S.phases(strategy=config.strategy, layout=layout, unfreeze=config.unfreeze)
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    # phase two's thread policy: one intra-op thread for small models on CPU (measured: a demo-size vit epoch took
+    # 12 s with 2 threads on a loaded 2-core machine, 0.6 s with one)
+    with cpu_threads(module=model, batch_size=config.batch_size, device=device):
+        return _fit_phases(run=run, config=config, progress=progress, on_step=on_step, t0=t0, layout=layout,
+                           plan_phases=plan_phases, rng=rng)
+
+
+def _fit_phases(*, run: Any, config: FinetuneConfig, progress: bool, on_step: Any, t0: float, layout: Any,
+                plan_phases: list, rng: np.random.Generator) -> FinetuneResult:
+    import torch
     from tqdm.auto import tqdm
 
     from pipeline import metrics as M
     from pipeline.finetune import strategies as S
     from pipeline.train import has_batchnorm, lr_factor
 
-    t0 = time.perf_counter()
     model, task, device = run.model, run.task, run.model.device
-    names = [n for n, _ in model.backbone.named_parameters()]
-    S.check_patterns(config.unfreeze, names, backbone=run.backbone_name)
-    layout = S.layout_for(backbone_name=run.family, module=model.backbone, unfreeze=config.unfreeze)
-    plan_phases = S.phases(strategy=config.strategy, layout=layout, unfreeze=config.unfreeze)
-
     y_all = torch.as_tensor(run.targets())
     y_enc = task.encode(y_all)
     split = run.plan.split
@@ -195,8 +212,6 @@ def fit_phases(*, run: Any, config: FinetuneConfig, progress: bool = False,
         val_loss = float(task.loss_fn(out, y_val))
         return val_loss, {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}, pred
 
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     val_loss, val_metrics, warm_pred = validate()
     history: list[dict[str, float]] = [{"epoch": 0, "phase": -1, "train_loss": math.nan, "val_loss": val_loss,
                                         "trainable_params": 0, "seconds": 0.0, **val_metrics}]
@@ -312,11 +327,13 @@ class FinetuneRun:
     phases: list[dict[str, Any]]
     seconds: float
     epoch_seconds: dict[str, float] = field(default_factory=dict)  # median train seconds per epoch, per phase
+    parent_epoch_s: float | None = None  # median epoch of the cached head's own training (from its history)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "parent_run": self.parent_run,
                 "strategy": self.strategy, "metrics": self.metrics, "parent_metrics": self.parent_metrics,
-                "phases": self.phases, "seconds": self.seconds, "epoch_seconds": self.epoch_seconds}
+                "phases": self.phases, "seconds": self.seconds, "epoch_seconds": self.epoch_seconds,
+                "parent_epoch_s": self.parent_epoch_s}
 
     def summary(self) -> str:
         from pipeline.metrics import headline
@@ -396,9 +413,16 @@ def write_finetune_run(*, run: Any, result: FinetuneResult, runs_dir: Path) -> F
         secs = [r["train_seconds"] for r in result.history if r.get("phase") == p["phase"] and "train_seconds" in r]
         if secs:
             epoch_s[p["name"]] = float(np.median(secs))
+    parent_epoch_s = None
+    if (run.run_dir / "history.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        secs = pq.read_table(run.run_dir / "history.parquet").to_pydict().get("seconds") or []
+        secs = [s for s in secs if s is not None and s > 0]
+        parent_epoch_s = float(np.median(secs)) if secs else None
     return FinetuneRun(run_id=run_id, run_dir=run_dir, parent_run=run.run_id, strategy=cfg.strategy,
                        metrics=result.metrics, parent_metrics=parent_metrics, phases=result.phases,
-                       seconds=result.seconds, epoch_seconds=epoch_s)
+                       seconds=result.seconds, epoch_seconds=epoch_s, parent_epoch_s=parent_epoch_s)
 
 
 def run_finetune(*, run_id: str, runs_dir: Path, config: FinetuneConfig, cache_root: Path | None = None,

@@ -40,6 +40,14 @@ class LoadedRun:
     lengths: dict[str, np.ndarray]  # ragged group -> rows per sample (whole data)
     model: Any  # ComposedModel
     backbone_name: str  # built-in family name, or the class_path
+    _dataset: Any = None
+
+    @property
+    def dataset(self) -> Any:
+        """The reader's dataset, opened once (an arrays reader loads its file on first access)."""
+        if self._dataset is None:
+            self._dataset = self.source.dataset()
+        return self._dataset
 
     @property
     def family(self) -> str | None:
