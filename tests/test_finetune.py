@@ -227,6 +227,12 @@ def test_gradual_cli_records_a_results_row_beside_the_probe(vit_probe: dict):
     assert ft["val_accuracy"] == pytest.approx(out["metrics"]["val"]["accuracy"])
     table = format_leaderboard(leaderboard(runs_dir=vit_probe["runs"]))
     assert "[gradual]" in table and len(table.splitlines()) >= 3
+    from pipeline.report import write_report
+
+    page = write_report(sweep_id=None, run_ids=[vit_probe["run_id"], out["run_id"]], runs_dir=vit_probe["runs"],
+                        out=vit_probe["folder"] / "report")
+    html = Path(page).read_text()
+    assert vit_probe["run_id"] in html and out["run_id"] in html
     record = (vit_probe["runs"] / out["run_id"] / "config.yaml").read_text()
     assert "parent_run: " + vit_probe["run_id"] in record
     hist = pq.read_table(vit_probe["runs"] / out["run_id"] / "history.parquet").to_pydict()
