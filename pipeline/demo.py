@@ -293,8 +293,8 @@ def _finetune_export_predict(*, fam: DemoFamily, sweeps: dict[str, Any], runs_di
     from pipeline.registry import HEADS
 
     cfg = FinetuneConfig(**{**fam.finetune, "device": device.type})
-    _step(echo, 9, f"phase three: {cfg.strategy} fine-tune of the {fam.backbone} from the best cached head, "
-                   "export, predict")
+    echo(f"\n[+] phase three: {cfg.strategy} fine-tune of the {fam.backbone} from the best cached head, export, "
+         "predict")
     sweep = fam.sweeps[0]
     rows = [r for r in leaderboard(runs_dir=runs_dir, sweep_id=sweeps[sweep.name]["sweep_id"])
             if HEADS.get(str(r["arch"])).kind == "torch"]

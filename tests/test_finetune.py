@@ -377,3 +377,20 @@ def test_ragged_backbone_export_is_refused_without_a_file(tmp_path: Path):
 
     with pytest.raises(ExportError, match="cannot be exported to onnx"):
         export_inputs(Run(), fmt="onnx")
+
+
+def test_class_path_groups_from_top_level_order_or_unfreeze_patterns():
+    from finetune_fixtures import BNNet
+    from pipeline.errors import ConfigError
+    from pipeline.finetune import strategies as S
+
+    net = BNNet()
+    layout = S.layout_for(backbone_name=None, module=net)
+    assert [S.depth_of(n, layout) for n in ("embed.weight", "bn.weight", "mix.weight")] == [0, 1, 2]
+    phases = S.phases(strategy="gradual", layout=layout, unfreeze=())
+    assert [p.patterns for p in phases] == [(), (r"^mix\.",), (r"^mix\.", r"^bn\."), None]
+    given = S.layout_for(backbone_name=None, module=net, unfreeze=(r"^bn\.|^mix\.",))
+    assert [p.patterns for p in S.phases(strategy="gradual", layout=given, unfreeze=())] == [(), (r"^bn\.|^mix\.",),
+                                                                                             None]
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        S.check_patterns(["blocks.(1"], [n for n, _ in net.named_parameters()], backbone="BNNet")
