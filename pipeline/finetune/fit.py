@@ -434,10 +434,6 @@ def run_finetune(*, run_id: str, runs_dir: Path, config: FinetuneConfig, cache_r
     device = resolve_device(config.device)
     run = load_run(run_id=run_id, runs_dir=runs_dir, device=device, cache_root=cache_root, checkpoint=checkpoint,
                    data=data)
-    # fail on a bad --unfreeze before any epoch runs
-    from pipeline.finetune.strategies import check_patterns
-
-    check_patterns(config.unfreeze, [n for n, _ in run.model.backbone.named_parameters()], backbone=run.backbone_name)
     result = fit_phases(run=run, config=config, progress=progress)
     out = write_finetune_run(run=run, result=result, runs_dir=runs_dir)
     log.info("fine-tuned run %s written to %s", out.run_id, out.run_dir)
