@@ -84,8 +84,8 @@ def bn_probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
 # --------------------------------------------------------------------------- warm start
 
 
-def _assert_warm_start(probe: dict) -> None:
-    from pipeline.finetune.fit import predict
+def _assert_warm_start(probe: dict, *, then_train: str | None = None) -> None:
+    from pipeline.finetune.fit import FinetuneConfig, fit_phases, predict
 
     run = _load(probe)
     stored = _stored(run.run_dir)
@@ -97,6 +97,13 @@ def _assert_warm_start(probe: dict) -> None:
     assert np.array_equal(np.unique(stored["row"]), val_rows)
     scale = np.maximum(1.0, np.abs(want))  # regression values in target units: relative beyond 1
     assert np.max(np.abs(got - want) / scale) < F16_ATOL
+    if then_train:  # the ragged families also train end to end (backbone in the loop, every parameter)
+        grads: list[int] = []  # backbone tensors with a non-zero gradient after each step
+        result = fit_phases(run=run, config=FinetuneConfig(strategy=then_train, epochs=1, patience=0, batch_size=16,
+                                                           lr=1e-3), on_step=lambda *_: grads.append(sum(
+            int(p.grad is not None and bool(p.grad.abs().sum() > 0)) for p in run.model.backbone.parameters())))
+        assert [r["phase"] for r in result.history] == [-1, 0] and np.isfinite(result.history[1]["train_loss"])
+        assert grads and min(grads) > 0
 
 
 def test_warm_start_equals_cached_run_vit(vit_probe: dict):
@@ -117,7 +124,7 @@ def test_warm_start_equals_cached_run_maskformer(tmp_path: Path):
     # weighted-pool reads ragged hits/* and assign/logits: the padded path of the head batch
     probe = _probe(tmp_path, ckpt=ckpt, data=data, backbone="maskformer",
                    head=["--arch", "weighted-pool", "--target", "pt", "--task", "regress", "--epochs", "2"])
-    _assert_warm_start(probe)
+    _assert_warm_start(probe, then_train="llrd")
 
 
 def test_warm_start_equals_cached_run_setvae(tmp_path: Path):
@@ -129,7 +136,7 @@ def test_warm_start_equals_cached_run_setvae(tmp_path: Path):
                          options={"dim": 32, "latent_dim": 8, "num_heads": 2, "depth": 1})
     probe = _probe(tmp_path, ckpt=ckpt, data=data, backbone="setvae",
                    head=["--arch", "attn-pool", "--target", "label", "--epochs", "2"])  # ragged seq/embed
-    _assert_warm_start(probe)
+    _assert_warm_start(probe, then_train="full")
 
 
 # --------------------------------------------------------------------------- strategies
@@ -281,6 +288,12 @@ def test_export_predict_reproduces_the_cached_head_run(bn_probe: dict, tmp_path:
         got = np.stack([preds["prob_0"][stored["row"]], preds["prob_1"][stored["row"]]], axis=1)
         assert np.max(np.abs(got - _pred_columns(stored))) < F16_ATOL
         assert np.array_equal(preds["pred_class"][stored["row"]], stored["pred_class"])
+    if fmt == "torchscript":  # new data needs no split (nor targets): every sample is predicted
+        with np.load(bn_probe["data"]) as z:
+            np.savez(tmp_path / "new.npz", x=z["x"][:7])
+        new = _predict(model, tmp_path / "new.npz", tmp_path / "new.parquet")
+        assert "split" not in new and list(new["row"]) == list(range(7))
+        assert np.allclose(new["prob_1"], preds["prob_1"][:7], atol=1e-6)
 
 
 def test_export_predict_reproduces_a_finetuned_run(vit_probe: dict, tmp_path: Path):
