@@ -387,6 +387,88 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
         click.echo(result.summary())
 
 
+# ---------------------------------------------------------------- phase three
+
+
+@main.command()
+@click.option("--run", "run_id", required=True, help="A recorded run (cached head or fine-tune) to start from.")
+@click.option("--strategy", type=click.Choice(["gradual", "llrd", "full", "partial"]), default="gradual",
+              show_default=True, help="gradual: head, then groups from the top; llrd: all, lr decays with depth; "
+                                      "full: all, one lr; partial: only what --unfreeze names.")
+@click.option("--unfreeze", multiple=True, help="Regex over backbone parameter names (repeatable): gradual's groups "
+                                                "in order, or what partial trains.")
+@click.option("--llrd-decay", type=float, default=None, help="llrd: lr x decay^(top - depth) [0.75].")
+@click.option("--lr", type=float, default=None, help="Peak lr of the head (top) group [1e-4].")
+@click.option("--epochs", type=int, default=None, help="Max epochs per phase [10].")
+@click.option("--patience", type=int, default=None, help="Epochs without a better val loss that end a phase [3].")
+@click.option("--batch-size", type=int, default=None, help="[64]")
+@click.option("--seed", type=int, default=None)
+@click.option("--checkpoint", type=click.Path(), default=None, help="The backbone checkpoint, if it moved since extract.")
+@click.option("--data", type=click.Path(), default=None, help="The extracted data, if it moved since extract.")
+@device_option
+@cache_root_option
+@runs_dir_option
+@json_option
+def finetune(run_id, strategy, unfreeze, llrd_decay, lr, epochs, patience, batch_size, seed, checkpoint, data,
+             device, cache_root, runs_dir, as_json):
+    """Phase three: fine-tune backbone + head from a run's trained head (warm start) and record the run."""
+    from pipeline.finetune.fit import FinetuneConfig, run_finetune
+
+    given = {"strategy": strategy, "unfreeze": tuple(unfreeze), "llrd_decay": llrd_decay, "lr": lr, "epochs": epochs,
+             "patience": patience, "batch_size": batch_size, "seed": seed, "device": device}
+    config = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_finetune(run_id=run_id, runs_dir=Path(runs_dir), config=config, cache_root=_cache_root(cache_root),
+                          checkpoint=Path(checkpoint) if checkpoint else None, data=Path(data) if data else None,
+                          progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+
+
+@main.command()
+@click.option("--run", "run_id", required=True, help="A cached-head or fine-tuned run.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "export", "onnx"]), default="torchscript",
+              show_default=True, help="torchscript (.pt), torch.export (.pt2) or onnx (needs ftpipe[onnx]).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="The backbone checkpoint, if it moved since extract.")
+@click.option("--data", type=click.Path(), default=None, help="The extracted data, if it moved since extract.")
+@cache_root_option
+@runs_dir_option
+@json_option
+def export(run_id, out, fmt, checkpoint, data, cache_root, runs_dir, as_json):
+    """Write backbone + head + the task's decoding as one self-contained inference model."""
+    from pipeline.finetune.export import export_run
+
+    result = export_run(run_id=run_id, runs_dir=Path(runs_dir), out=Path(out), fmt=fmt,
+                        cache_root=_cache_root(cache_root), checkpoint=Path(checkpoint) if checkpoint else None,
+                        data=Path(data) if data else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="A file from `ftpipe export`.")
+@click.option("--data", required=True, type=click.Path(), help="Data in the layout the model was trained on.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions (.parquet).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@device_option
+@json_option
+def predict(model_path, data, out, batch_size, device, as_json):
+    """One row per sample (sample id, prediction, probabilities or values) from an exported model."""
+    from pipeline.finetune.predict import run_predict
+
+    result = run_predict(model=Path(model_path), data=Path(data), out=Path(out), batch_size=batch_size,
+                         device=device or "auto", progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(f"wrote {result['rows']} predictions to {result['out']} ({result['format']} model, "
+                   f"{result['seconds']:.1f} s)")
+
+
 @main.command()
 @runs_dir_option
 @click.option("--cache", "cache_key", default=None, help="Only runs on this cache key (prefix).")

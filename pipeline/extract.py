@@ -418,6 +418,10 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                        "sha256": record["checkpoint_digest"], "loaded": report.loaded,
                        "dropped": list(report.dropped), "frozen_parameters": report.frozen},
         "extract": {"dtype": config.dtype, "extractor_version": EXTRACTOR_VERSION, "device": device.type},
+        # where the inputs were (not part of the key): `ftpipe finetune` re-reads them, re-hashing the checkpoint
+        "sources": {"checkpoint": str(checkpoint.resolve()), "data": str(Path(config.data.path).resolve()),
+                    "config_dir": str(Path(config_dir).resolve()) if config_dir is not None else None,
+                    "trust_checkpoint": bool(config.trust_checkpoint)},
     }
     path = coord.on_main(lambda: create_cache(root=cache_root, key=key, key_record=record, schema=schema, attrs=attrs,
                                               shard_rows=config.shard_rows, unit_rows=unit_rows))

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULTS_SUBDIR = "results"
-ID_COLUMNS = ("config_id", "label", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id")
+ID_COLUMNS = ("config_id", "label", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id",
+              "strategy", "parent_run")  # the last two: fine-tuned runs (pipeline/finetune)
 # TrainConfig options of the shared SGD trainer: meaningless (and hidden) for heads that fit themselves.
 TRAINER_OPTIONS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "grad_clip", "patience")
 
@@ -598,7 +599,8 @@ def section_table(section: Section) -> tuple[list[str], list[list[Any]]]:
     cells = []
     for r in section.rows:
         h = hyperparameters(r)
-        line: list[Any] = [r["rank"], str(r.get("arch"))] + [h.get(k) for k in section.varying] + [r.get("n_runs")]
+        arch = str(r.get("arch")) + (f" [{r['strategy']}]" if r.get("strategy") else "")  # a fine-tune of that head
+        line: list[Any] = [r["rank"], arch] + [h.get(k) for k in section.varying] + [r.get("n_runs")]
         for m in metrics:
             v, s = r.get(m), r.get(f"{m}_std")
             from pipeline.table import cell

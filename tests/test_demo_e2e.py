@@ -92,6 +92,11 @@ def test_other_families_run_end_to_end(tmp_path, family, sweep):
     best = summary["sweeps"][sweep]["leaderboard"][0]
     assert best["test_auroc"] > 0.8  # icu: binary label from trajectories; images: 4 shapes (macro one-vs-rest)
     assert Path(summary["report"]).is_file()
+    if family == "images":  # phase three ends the images demo: gradual fine-tune of the vit, export, predict
+        ft = summary["finetune"]
+        assert ft["strategy"] == "gradual" and [p["name"] for p in ft["phases"]][0] == "head"
+        assert Path(ft["model"]).is_file() and ft["predict_agreement_test"] == 1.0
+        assert "fine-tuned" in proc.stdout and "the price of the backbone in the loop" in proc.stdout
 
 
 def test_per_object_regression_runs_write_binned_resolution(demo_run):

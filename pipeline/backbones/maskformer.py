@@ -453,6 +453,17 @@ def build_maskformer(config: Any, *, hparams: dict[str, Any], plan: Any) -> Mask
                               particle_fields=particle_fields or [])
 
 
+def finetune_groups(module: MaskFormer) -> dict[str, list[str]]:
+    """Phase three (``ftpipe finetune``): regexes over parameter names. ``layers``: input to output, one per
+    LLRD depth (input net, encoder layers, queries + decoder layers, output nets); ``gradual``: head ->
+    head + decoder (queries, decoder layers and norm, valid and assignment nets) -> everything."""
+    enc = [rf"^encoder\.{i}\." for i in range(len(module.encoder))]
+    dec = [rf"^decoder\.{i}\." for i in range(len(module.decoder))]
+    return {"layers": [r"^input_net\."] + enc + [r"^(encoder_norm\.|query_initial$)"] + dec
+            + [r"^(decoder_norm|valid_net|assign_query|assign_hit)\."],
+            "gradual": [r"^(decoder|decoder_norm|valid_net|assign_query|assign_hit)\.|^query_initial$"]}
+
+
 # ---------------------------------------------------------------- stage one
 
 

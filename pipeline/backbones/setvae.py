@@ -419,6 +419,15 @@ def build_setvae(config: Any, *, hparams: dict[str, Any], plan: Any) -> SetVaeBa
     return SetVaeBackbone(module=SeqSetVAE(**args), init_args=args, columns=SetColumns.from_plan(plan, names=names))
 
 
+def finetune_groups(module: SeqSetVAE) -> dict[str, list[str]]:
+    """Phase three (``ftpipe finetune``): regexes over parameter names. ``layers``: input to output, one per
+    LLRD depth (set encoder and decoder, the projections into the sequence, causal blocks, final norm);
+    ``gradual``: head -> head + sequence transformer -> everything. ``prior`` only feeds stage one's KL."""
+    blocks = [rf"^blocks\.{i}\." for i in range(len(module.blocks))]
+    return {"layers": [r"^(encoder|decoder)\."] + [r"^(z_proj|time_proj)\."] + blocks + [r"^(norm|prior)\."],
+            "gradual": [r"^(z_proj|time_proj|blocks|norm)\."]}
+
+
 # ---------------------------------------------------------------- stage one
 
 TRAIN_KNOBS: dict[str, Any] = {

@@ -245,6 +245,16 @@ def build_vit(config: Any, *, hparams: dict[str, Any], plan: Any) -> VitBackbone
     return VitBackbone(module=module, init_args=args, last_k_blocks=k, patch_tokens=patch_tokens, image_key=image_key)
 
 
+def finetune_groups(module: VisionTransformer) -> dict[str, list[str]]:
+    """Phase three (``ftpipe finetune``): regexes over parameter names. ``layers``: input to output, one per
+    LLRD depth (embeddings 0, block i at i + 1, final norm last); ``gradual``: what each phase after the
+    head-only one adds (the vision scripts' head + last 2 blocks + final norm; the last phase is everything)."""
+    n = len(module.blocks)
+    last = "|".join(str(i) for i in range(max(0, n - 2), n))
+    return {"layers": [r"^(patch_embed|cls_token|pos_embed)\b"] + [rf"^blocks\.{i}\." for i in range(n)] + [r"^norm\."],
+            "gradual": [rf"^blocks\.({last})\.|^norm\."]}
+
+
 def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
     """The stage-one model: the backbone plus its ``head`` Linear."""
     args = resolve_init_args(hparams={}, init_args=init_args)
