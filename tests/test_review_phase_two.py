@@ -45,6 +45,6 @@ def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
     split = np.array([0] * 80 + [1] * 20 + [2] * 20, dtype=np.uint8)
     y = rng.integers(0, 2, size=len(split)).astype(np.float32)
     y[80:100] = np.nan
-    configs = [TrainConfig(arch="linear", epochs=2, seed=s) for s in (0, 1)]
+    configs = [TrainConfig(arch="linear-sgd", epochs=2, seed=s) for s in (0, 1)]
     with pytest.raises(TrainError, match=r"no val row with a usable target"):
         fit_group_stacked(configs=configs, features=_features(y, split))
