@@ -401,8 +401,8 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
 @click.option("--lr", type=float, default=None, help="Peak lr of the head (top) group [1e-4].")
 @click.option("--epochs", type=int, default=None, help="Max epochs per phase [10].")
 @click.option("--patience", type=int, default=None, help="Epochs without a better val loss that end a phase [3].")
-@click.option("--batch-size", type=int, default=None, help="[64]")
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Samples per step, backbone in the loop [default: 64].")
+@click.option("--seed", type=int, default=None, help="Random seed (batch order, dropout) [default: 0].")
 @click.option("--checkpoint", type=click.Path(), default=None, help="The backbone checkpoint, if it moved since extract.")
 @click.option("--data", type=click.Path(), default=None, help="The extracted data, if it moved since extract.")
 @device_option
@@ -453,7 +453,7 @@ def export(run_id, out, fmt, checkpoint, data, cache_root, runs_dir, as_json):
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="A file from `ftpipe export`.")
 @click.option("--data", required=True, type=click.Path(), help="Data in the layout the model was trained on.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions (.parquet).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per backbone + head forward pass.")
 @device_option
 @json_option
 def predict(model_path, data, out, batch_size, device, as_json):

@@ -134,15 +134,18 @@ def build_head(*, record: dict[str, Any], run_dir: Path, specs: dict[str, Any], 
     from pipeline.registry import HEADS
 
     train = record["train"]
+    import torch
+
     family = HEADS.get(train["arch"])
-    if family.kind != "torch":
-        raise FtpipeError(f"head {train['arch']!r} is not a torch module ({family.kind}): it cannot {purpose}; "
-                          "use a run of a torch head (linear, mlp2, mlp3, ...)")
     net, _ = family.resolve_params(train.get("params") or {})
     task = Task.from_dict(record["task"])
     inputs = tuple(record["inputs"])
     shapes = {n: tuple(int(d) for d in specs[n].inner_shape) for n in inputs}
     head = family.build(params=net, shapes=shapes, task=task)
+    # torch heads and the linear probe are modules; a tree ensemble (lightgbm) is not
+    if not isinstance(getattr(head, "module", None), torch.nn.Module):
+        raise FtpipeError(f"head {train['arch']!r} is not a torch module ({family.kind}): it cannot {purpose}; "
+                          "use a run of a torch head (linear, mlp2, mlp3, ...)")
     weights = [p for p in (run_dir / "head.safetensors", run_dir / "head.txt") if p.is_file()]
     if not weights:
         raise FtpipeError(f"run {run_dir.name} has no head weights ({run_dir}/head.safetensors); the record is "

@@ -95,6 +95,19 @@ class LinearProbe:
         self.n_out = 1 if task.kind == "classify" and task.n_outputs == 2 else task.n_outputs
         self.state: dict[str, Any] = {}  # mean, std, weight (D, n_out), bias (n_out,)
         self.fit_info: dict[str, Any] = {}
+        self._module: Any = None  # the probe as an nn.Module (fine-tune, export), made on first use
+
+    @property
+    def module(self) -> "torch.nn.Module":
+        """The fitted probe as one ``nn.Module`` (standardise -> linear -> class logits) over a batch dict,
+        as torch heads' ``module``: fine-tuning trains its weight and bias, export traces it. ``save``
+        writes its current values, so a fine-tuned probe is stored like a fitted one."""
+        if self._module is None:
+            self._module = _ProbeModule(inputs=self.inputs, d=self.d, n_out=self.n_out,
+                                        binary=self.task.kind == "classify" and self.n_out == 1)
+            if self.state.get("weight") is not None:
+                self._module.set_state(self.state)
+        return self._module
 
     # -- data ------------------------------------------------------------------------------
 
@@ -287,6 +300,8 @@ class LinearProbe:
             "path": found["path"], "refit": refit, "converged": bool(point.get("converged", True)),
             "standardised": True, "seconds": time.perf_counter() - t0,
         }
+        if self._module is not None:  # made before the fit (e.g. to count parameters): it holds the fit now
+            self._module.set_state(self.state)
         return history
 
     def outputs(self, x: "torch.Tensor") -> "torch.Tensor":
@@ -312,6 +327,8 @@ class LinearProbe:
     def save(self, directory: Path) -> Path:
         from safetensors.torch import save_file
 
+        if self._module is not None:  # trained further as a module (fine-tune): its values are the probe's now
+            self.state = {k: v.detach().to(self._dtype) for k, v in self._module.state_dict().items()}
         path = Path(directory) / "head.safetensors"
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in self.state.items()}, str(path))
         return path
@@ -324,6 +341,39 @@ class LinearProbe:
         if missing:
             raise TrainError(f"{path} is not a linear-probe weights file (missing {sorted(missing)})")
         self.state = dict(state)
+        if self._module is not None:
+            self._module.set_state(self.state)
+
+
+def _probe_module_class() -> type:
+    import torch
+
+    class ProbeModule(torch.nn.Module):
+        """``LinearProbe.outputs`` as a module: standardisation as buffers, weight and bias as parameters."""
+
+        def __init__(self, *, inputs: tuple[str, ...], d: int, n_out: int, binary: bool) -> None:
+            super().__init__()
+            self.inputs, self.binary = tuple(inputs), bool(binary)
+            self.register_buffer("mean", torch.zeros(d))
+            self.register_buffer("std", torch.ones(d))
+            self.weight = torch.nn.Parameter(torch.zeros(d, n_out))
+            self.bias = torch.nn.Parameter(torch.zeros(n_out))
+
+        def set_state(self, state: Mapping[str, Any]) -> None:
+            with torch.no_grad():
+                for name in ("mean", "std", "weight", "bias"):
+                    getattr(self, name).copy_(state[name].to(getattr(self, name).device, torch.float32))
+
+        def forward(self, batch: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
+            x = batch[self.inputs[0]] if len(self.inputs) == 1 else torch.cat([batch[n] for n in self.inputs], 1)
+            z = ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+            return torch.cat([torch.zeros_like(z), z], dim=1) if self.binary else z
+
+    return ProbeModule
+
+
+def _ProbeModule(**kwargs: Any) -> Any:  # noqa: N802 - builds the class on first use (torch imported lazily)
+    return _probe_module_class()(**kwargs)
 
 
 SMALL_SOLVE_CELLS = 5e7  # rows x features x outputs below which one CPU thread is faster (as for small heads)
