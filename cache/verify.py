@@ -24,13 +24,12 @@ class VerifyReport:
     n_units: int = 0
 
 
-def verify_cache(path: Path) -> VerifyReport:
-    """Re-read every committed unit and compare sha256 of every array with its commit record."""
+def _open_store(path: Path) -> tuple:
+    """What both checks read first: the store's path (local or object store), attributes, layout, array
+    specs, units, commit records and the zarr group."""
     import zarr
 
-    from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
     from cache.meta import read_meta
-
     from cache.storage import as_path
 
     path = as_path(path)
@@ -38,8 +37,15 @@ def verify_cache(path: Path) -> VerifyReport:
     lay = meta["layout"]
     specs = [ArraySpec.from_dict(d) for d in meta["schema"]["arrays"]]
     units = L.units_of(n_samples=int(meta["n_samples"]), unit_rows=int(lay["unit_rows"]))
-    records = L.read_records(path)
-    group = zarr.open_group(str(path), mode="r")
+    return path, meta, lay, specs, units, L.read_records(path), zarr.open_group(str(path), mode="r")
+
+
+def verify_cache(path: Path) -> VerifyReport:
+    """Re-read every committed unit and compare sha256 of every array with its commit record."""
+
+    from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
+
+    path, meta, lay, specs, units, records, group = _open_store(path)
     problems: list[str] = []
     bad: set[int] = set()
     missing: list[int] = []
@@ -116,18 +122,9 @@ def check_files(path: Path) -> VerifyReport:
     """The cheap integrity check of a complete store (no data read, one stat per chunk file): every unit
     has its commit record and every chunk file it wrote exists with the right size. ``verify_cache`` also
     recomputes the checksums. Used before a complete cache is reported as reused."""
-    import zarr
-
     from cache.rawio import chunk_file_problems
-    from cache.writer import read_meta
 
-    path = Path(path)
-    meta = read_meta(path)
-    lay = meta["layout"]
-    specs = [ArraySpec.from_dict(d) for d in meta["schema"]["arrays"]]
-    units = L.units_of(n_samples=int(meta["n_samples"]), unit_rows=int(lay["unit_rows"]))
-    records = L.read_records(path)
-    group = zarr.open_group(str(path), mode="r")
+    path, meta, lay, specs, units, records, group = _open_store(path)
     problems: list[str] = []
     bad: set[int] = set()
     missing = [u.id for u in units if u.id not in records]

@@ -367,7 +367,6 @@ def run_loop(*, step: Step, budget: Budget, progress: bool = False, desc: str = 
     evaluation; a stack's time is shared evenly by its members) and ``best`` (1 on the selected row).
     ``on_error(member, loss, step)`` builds the exception raised when a train loss is not finite.
     """
-    import torch
     from tqdm.auto import tqdm
 
     k = step.k

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from pipeline.heads.base import Head, HeadFamily
+    from pipeline.heads.base import Head
     from pipeline.task import Task
 
 log = logging.getLogger(__name__)
