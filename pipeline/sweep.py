@@ -554,7 +554,7 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
                 continue  # nothing left on this cache: do not even load it
             _run_cache(plan=plan, spec=spec, runs_dir=runs_dir, device=device, strategy=strategy, sweep_id=sweep_id,
                        record=record, on_recorded=lambda run: (recorded_run(run), bar.update(1),
-                                                               _show_metric(bar, run)))
+                                                               _show_metric(bar, run)), progress=progress)
         record["status"] = "complete"
     except BaseException:
         record["status"] = "interrupted"  # rerun the same command: recorded runs are skipped
@@ -590,7 +590,7 @@ def _now() -> str:
 
 
 def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, strategy: str, sweep_id: str,
-               record: dict[str, Any], on_recorded: Callable[[Any], None]) -> None:
+               record: dict[str, Any], on_recorded: Callable[[Any], None], progress: bool = False) -> None:
     """Load one cache once (the union of what its heads read) and train its pending trials."""
     from pipeline import train as T
     from pipeline.registry import HEADS
@@ -651,14 +651,16 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
         for trial, rid in claim(plan.todo, wait=False):
             groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
         _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
-                      strategy=strategy, sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
+                      strategy=strategy, sweep_id=sweep_id, record=record, on_recorded=recorded_and_released,
+                      progress=progress)
         if deferred:
             later, deferred[:] = list(deferred), []
             groups = {}
             for trial, rid in claim(later, wait=True):  # their holder finished (or died): redo what is missing
                 groups.setdefault(f"deferred {rid}", []).append((trial, rid))
             _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
-                          strategy="in-turn", sweep_id=sweep_id, record=record, on_recorded=recorded_and_released)
+                          strategy="in-turn", sweep_id=sweep_id, record=record, on_recorded=recorded_and_released,
+                          progress=progress)
     finally:
         for lock in claims.values():
             lock.release()
@@ -701,7 +703,7 @@ def _run_lock(runs_dir: Path, run_id: str) -> _RunLock:
 
 def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, plan: _Plan, runs_dir: Path,
                   device: Any, strategy: str, sweep_id: str, record: dict[str, Any],
-                  on_recorded: Callable[[Any], None]) -> None:
+                  on_recorded: Callable[[Any], None], progress: bool = False) -> None:
     import shutil
 
     from pipeline import train as T
@@ -734,7 +736,8 @@ def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, 
         if chosen == "in-turn":
             for trial, rid in members:
                 try:
-                    fit_result = T.fit(config=trial.config, features=features)
+                    # the current run's own bar (steps, live train/val loss) under the sweep's bar of runs
+                    fit_result = T.fit(config=trial.config, features=features, progress=progress)
                 except FtpipeError as exc:
                     # One configuration that cannot train (a diverging lr, ...) must not stop the grid; it is
                     # not recorded, so a rerun tries it again.

@@ -275,3 +275,14 @@ def test_a_failing_configuration_does_not_stop_the_grid(tmp_path: Path, monkeypa
     monkeypatch.setattr(T, "fit", real_fit)
     again = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs")
     assert again.trained == (result.run_ids[1],) and not again.failed  # the failed one is retried
+
+
+def test_in_turn_sweep_shows_each_runs_live_losses_under_the_bar_of_runs(tmp_path: Path, capsys):
+    key = tiny_cache(tmp_path / "cache")
+    spec = SweepSpec(name="live", device="cpu", target="label", train={"epochs": 3, "batch_size": 32},
+                     grids=({"arch": ("mlp",), "hidden": ([16],), "lr": (1e-3, 1e-2)},))
+    run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs",
+              strategy="in-turn", progress=True)
+    err = capsys.readouterr().err
+    assert "sweep live" in err  # the bar of runs, with the finished run's ranking metric
+    assert "step" in err and "val_loss=" in err and "train_loss=" in err  # the current run's live losses
