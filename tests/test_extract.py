@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 import extract_fixtures as fx
 from cache.reader import open_cache
-from cache.writer import read_meta
 from cli import main
 
 
@@ -25,10 +24,6 @@ def _extract(tmp_path: Path, ckpt: Path, config: Path, *extra: str):
 def _json(result) -> dict:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _statuses(root: Path) -> list[str]:
-    return [read_meta(p)["status"] for p in sorted(root.glob("*.zarr"))] if root.exists() else []
 
 
 @pytest.fixture()
@@ -136,7 +131,7 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, setup):
 
     torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(dim=16)}, tmp_path / "pickled.ckpt")
     assert "--trust-checkpoint" in _one_line_error(_extract(tmp_path, tmp_path / "pickled.ckpt", config))
-    assert _statuses(root) == ["complete"]  # only the wide checkpoint's; no failed run left a complete cache
+    assert fx.store_statuses(root) == ["complete"]  # only the wide checkpoint's; no failed run left a complete cache
     assert _json(_extract(tmp_path, tmp_path / "pickled.ckpt", config, "--trust-checkpoint"))["status"] == "complete"
 
 
@@ -145,7 +140,7 @@ def test_shape_mismatch_names_the_init_arg(tmp_path, setup):
     config = fx.write_config(tmp_path / "wide.yaml", data=data, init_args="{dim: 24}")  # overrides hparams dim=16
     msg = _one_line_error(_extract(tmp_path, ckpt, config))
     assert "encoder.proj.weight: checkpoint (16, 6) vs model (24, 6) -- check dim" in msg
-    assert _statuses(tmp_path / "cache") == []
+    assert fx.store_statuses(tmp_path / "cache") == []
 
 
 def test_missing_split_and_bad_tap_are_one_line(tmp_path, setup):

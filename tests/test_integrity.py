@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def _one_line(result, code: int = 2) -> str:
 
 def _rows(runs: Path) -> list[Path]:
     return sorted((runs / "results").glob("*.parquet")) if (runs / "results").exists() else []
-
-
-def _statuses(root: Path) -> list[str]:
-    return [read_meta(p)["status"] for p in sorted(root.glob("*.zarr"))] if root.exists() else []
 
 
 @pytest.fixture()
@@ -139,7 +134,7 @@ def test_nan_backbone_output_is_refused_naming_samples_and_tap_or_masked(tmp_pat
     root = tmp_path / "cache"
     line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", root))
     assert "NaN/inf in pooled/mean for 1 sample(s) (sample_id 105)" in line and "--nonfinite mask" in line, line
-    assert "complete" not in _statuses(root)
+    assert "complete" not in fx.store_statuses(root)
 
     out = _cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "masked",
                "--nonfinite", "mask")
@@ -172,7 +167,7 @@ def test_class_path_module_importing_a_missing_package_is_one_line(tmp_path, mad
     line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "cache"))
     assert "backbone.class_path 'needs_pkg_i12.Net': importing module 'needs_pkg_i12' failed" in line
     assert "No module named 'not_a_real_package_i12'" in line and "pip install not_a_real_package_i12" in line
-    assert _statuses(tmp_path / "cache") == []
+    assert fx.store_statuses(tmp_path / "cache") == []
     verbose = CliRunner().invoke(main, ["-v", "extract", "--checkpoint", str(ckpt), "--config", str(config),
                                         "--cache-root", str(tmp_path / "cache")])
     assert verbose.exit_code == 2 and "Traceback" in verbose.stderr  # the traceback only under -v
@@ -213,7 +208,7 @@ def test_corrupt_npz_is_one_line(tmp_path, made):
     data.write_bytes(bytes(raw))
     line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "cache"))
     assert "array 'x' cannot be read, the file is corrupted (BadZipFile: Bad CRC-32" in line, line
-    assert "complete" not in _statuses(tmp_path / "cache")
+    assert "complete" not in fx.store_statuses(tmp_path / "cache")
 
 
 @pytest.mark.parametrize("sets", [["--arch", "mlp2", "--set", "dropout=abc"], ["--arch", "mlp", "--set", "hidden=abc"]])
@@ -424,7 +419,7 @@ def test_an_exception_in_the_users_forward_is_one_line(tmp_path, made):
     config = _module_config(tmp_path, "broken_forward_i12.Net")
     line = _one_line(_cli("extract", "--checkpoint", ckpt, "--config", config, "--cache-root", tmp_path / "cache"))
     assert "backbone.class_path 'broken_forward_i12.Net': forward(x (2, 5, 6)) failed: RuntimeError: mat1" in line, line
-    assert "complete" not in _statuses(tmp_path / "cache")
+    assert "complete" not in fx.store_statuses(tmp_path / "cache")
 
 
 def test_corrupt_parquet_is_one_line(tmp_path):
