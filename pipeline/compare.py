@@ -499,7 +499,7 @@ def format_stats_table(rows: Sequence[dict[str, Any]], *, split: str = "test", m
     if has_vs:
         header += [f"vs {ref}" if ref else "vs ref", f"{pct} CI", "p", "resolved"]
     header.append("config_id")
-    table = [header]
+    lines: list[list[str]] = []
     for r in rows:
         cells = [str(r.get("rank", "")), str(r.get("arch")), _short(str(r.get("params"))), str(r.get("n_runs")),
                  _num(r.get(col))]
@@ -517,9 +517,10 @@ def format_stats_table(rows: Sequence[dict[str, Any]], *, split: str = "test", m
                           _p(r["vs_p"]) + (f" ({_short_test(r['vs_test'])})" if r.get("vs_test") else ""),
                           "yes" if r.get("vs_resolved") else "no"]
         cells.append(str(r.get("config_id"))[:8])
-        table.append(cells)
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+        lines.append(cells)
+    from pipeline.table import format_table  # the one text-table printer (results, sweeps, cache ls)
+
+    return format_table(header, lines)
 
 
 def _short(s: str, n: int = 40) -> str:
