@@ -50,7 +50,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _cache_root(cache_root: str | None) -> Path:
     from cache.key import default_cache_root
-
     from cache.storage import as_path
 
     return as_path(cache_root) if cache_root else default_cache_root()
@@ -136,7 +135,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
     """Phase one: run a frozen, verified backbone once and cache its outputs."""
     from pipeline import config as cfg
     from pipeline.errors import ConfigError
-    from pipeline.extract import run_extract
+    from pipeline.extract.run import run_extract
 
     if not backbone and not config_path:
         raise ConfigError("give --backbone NAME (a built-in) or --config YAML (your own module with taps)")
@@ -158,7 +157,7 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
 
         overrides["data"] = cfg.merge(default_data_config(backbone=backbone, path=data), overrides.get("data", {}))
     config = cfg.load(cfg.ExtractConfig, yaml_path=list(config_path) or None, overrides=overrides)
-    from pipeline.distributed import from_environment
+    from pipeline.extract.distributed import from_environment
 
     coordinator = from_environment(device=config.device)  # torchrun: RANK / WORLD_SIZE / LOCAL_RANK
     if not coordinator.is_main:
@@ -307,7 +306,7 @@ def make_data(kind, out, n, seed, as_json):
 def pretrain(backbone, data, epochs, out, seed, sets, device, as_json):
     """Stage one: train a built-in backbone (with a head that extract will drop)."""
     from pipeline.config import parse_set_options, resolve_device
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     result = run_pretrain(
         backbone=backbone,
@@ -357,7 +356,7 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
     --set takes head params and training options alike (--set lr=3e-4 is --lr 3e-4), as in `ftpipe sweep`.
     """
     from pipeline import config as cfg
-    from pipeline.train import run_train_head
+    from pipeline.train.fit import run_train_head
 
     overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
                  "batch_size": batch_size, "seed": seed, "device": device, "memory_budget_gb": memory_budget_gb}
@@ -492,13 +491,13 @@ def predict(model_path, data, out, batch_size, device, as_json):
 def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_caches, fmt, mlflow_uri,
             ci, vs_ref, split, level, n_boot, boot_seed, as_json):
     """Leaderboards of recorded runs: one ranked table per problem (cache, target, task)."""
-    from pipeline.results import format_sections, sections, select
+    from pipeline.results.records import format_sections, sections, select
 
     table = select(runs_dir=Path(runs_dir), cache_key=cache_key, sweep_ids=sweep_ids, run_ids=run_ids,
                    targets=targets)
     secs = sections(table=table, sort=sort, top=top, by_cache=not across_caches)
     if ci or vs_ref:
-        from pipeline import compare as C
+        from pipeline.results import compare as C
 
         opts = {"runs_dir": Path(runs_dir), "split": split, "n_boot": n_boot, "seed": boot_seed, "level": level}
         for s in secs:  # each section's ranking metric is the one its intervals are drawn for
@@ -510,7 +509,7 @@ def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_
                 r.update({**e1, **e2, "stats_metric": metric})
     logged = None
     if mlflow_uri:
-        from pipeline.mlflow_export import log_runs
+        from pipeline.results.mlflow_export import log_runs
 
         logged = log_runs(table=table, runs_dir=Path(runs_dir), uri=mlflow_uri)
     if as_json or fmt == "json":
@@ -520,7 +519,7 @@ def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_
         _emit_json(out)
         return
     if (ci or vs_ref) and fmt == "table":
-        from pipeline import compare as C
+        from pipeline.results import compare as C
 
         click.echo(f"runs under {Path(runs_dir).resolve()}")
         for s in secs:
@@ -544,7 +543,7 @@ def results(runs_dir, cache_key, sweep_ids, run_ids, targets, sort, top, across_
 def compare(run_a, run_b, metric, split, level, n_boot, boot_seed, runs_dir, cache_root, as_json):
     """Paired comparison of two runs (or seed groups: a config id) on the same rows: difference with a
     bootstrap CI, DeLong (AUROC) / McNemar (accuracy) / bootstrap p, and a verdict in words."""
-    from pipeline.compare import compare as run_compare
+    from pipeline.results.compare import compare as run_compare
 
     result = run_compare(runs_dir=Path(runs_dir), ref_a=run_a, ref_b=run_b, metric=metric, split=split,
                          n_boot=n_boot, seed=boot_seed, level=level,
@@ -581,7 +580,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
     Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
     `--set hidden=[256,128],[128]` gives two list values. Rerunning skips runs already recorded.
     """
-    from pipeline.sweep import parse_shard, run_sweep, sweep_spec_from_cli
+    from pipeline.train.sweep import parse_shard, run_sweep, sweep_spec_from_cli
 
     part = parse_shard(shard)
     spec = sweep_spec_from_cli(config_path=config_path, arch=arch, sets=sets, seeds=seeds, epochs=epochs,
@@ -619,7 +618,7 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
 def report(sweep_ids, run_ids, cache_key, targets, runs_dir, out, as_json):
     """Write OUT/index.html over every run in --runs-dir (or the filtered ones): one section per problem, with
     sortable, filterable tables and PNG figures in OUT/figures/, linked relatively."""
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
 
     path = write_report(sweep_ids=list(sweep_ids), run_ids=list(run_ids), runs_dir=Path(runs_dir), out=Path(out),
                         cache_key=cache_key, targets=list(targets))
@@ -666,7 +665,7 @@ def list_(what, as_json):
 def demo(ctx, workdir, family, size, device, as_json):
     """The whole pipeline on built-in synthetic data: make-data -> pretrain -> extract -> sweep -> report."""
     from pipeline.config import resolve_device
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     if ctx.obj["verbose"] == 0:  # the demo narrates each step itself; library INFO lines only with -v
         logging.getLogger().setLevel(logging.WARNING)

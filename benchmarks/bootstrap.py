@@ -4,9 +4,9 @@
     python benchmarks/bootstrap.py --rows 20000 --sklearn-resamples 100
 
 One run, side by side, on one simulated test set (two correlated binormal scorers):
-1. ``pipeline.stats.bootstrap`` over both models at once (one sort per model; every resample a few integer
+1. ``pipeline.results.stats.bootstrap`` over both models at once (one sort per model; every resample a few integer
    passes over a block of count weights; chunks on a 2-thread pool) — wall and CPU seconds for
-   ``--resamples``. At 100k rows the counts are Poisson(1) (``scheme="auto"``; see pipeline/stats.py).
+   ``--resamples``. At 100k rows the counts are Poisson(1) (``scheme="auto"``; see pipeline/results/stats.py).
 2. ``sklearn.metrics.roc_auc_score`` on each resampled row set, twice per resample (A and B), on
    ``--sklearn-resamples`` of the same resamples, extrapolated linearly to ``--resamples`` (stated).
 The two are checked to agree on those resamples before any time is printed. The last line is JSON.
@@ -37,7 +37,7 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from pipeline import stats as S
+    from pipeline.results import stats as S
 
     rng = np.random.default_rng(0)
     n = args.rows

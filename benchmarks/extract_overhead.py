@@ -87,7 +87,7 @@ def main() -> None:
 
     from pipeline import config as cfg
     from pipeline.data import open_data
-    from pipeline.extract import run_extract
+    from pipeline.extract.run import run_extract
 
     work = Path(tempfile.mkdtemp(prefix="ftpipe-bench-"))
     try:

@@ -38,10 +38,10 @@ def main() -> None:
     from pipeline.config import TrainConfig, resolve_device
     from pipeline.data import generate
     from pipeline.data.layouts import layout_for_backbone
-    from pipeline.extract import run_extract
+    from pipeline.extract.run import run_extract
     from pipeline.finetune.fit import FinetuneConfig, run_finetune
-    from pipeline.pretrain import run_pretrain
-    from pipeline.train import run_train_head
+    from pipeline.pretrain.run import run_pretrain
+    from pipeline.train.fit import run_train_head
 
     device = resolve_device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, device {device}")

@@ -4,7 +4,7 @@ Run: python benchmarks/head_vs_frozen.py [--layers 4] [--n 4096] [--device cpu]
 
 1. The old way: a frozen transformer (a few layers) runs under no_grad on every batch, fed by a
    DataLoader, then the head's train step. The cached way: the same backbone ran once; the same head
-   (mlp2) trains from index-sliced pooled tensors with pipeline.train.fit_module. Target >= 100x.
+   (mlp2) trains from index-sliced pooled tensors with pipeline.train.fit.fit_module. Target >= 100x.
 2. The trainer (fit_module: AdamW, schedule, clipping, val metrics, best-weight copies) vs a bare
    index-sliced torch loop over the same tensors. Target >= 0.7x.
 Both measured side by side in this one run; ratios printed.
@@ -38,7 +38,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
 
     from pipeline.config import resolve_device
-    from pipeline.speed import measure_head_speedup, measure_trainer_overhead
+    from pipeline.demo.speed import measure_head_speedup, measure_trainer_overhead
 
     device = resolve_device(args.device)
     speed = measure_head_speedup(n_samples=args.n, seq_len=args.seq_len, d_model=args.d_model, layers=args.layers,

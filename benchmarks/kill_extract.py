@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import extract_fixtures as fx  # noqa: E402
+
 from cache.writer import read_meta  # noqa: E402
 from pipeline import config as cfg  # noqa: E402
-from pipeline.extract import run_extract  # noqa: E402
+from pipeline.extract.run import run_extract  # noqa: E402
 
 
 def _extract(config: Path, ckpt: Path, root: Path, unit_rows: int):

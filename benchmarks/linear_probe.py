@@ -64,7 +64,7 @@ def main() -> None:
             pass
     from pipeline.config import TrainConfig, resolve_device
     from pipeline.heads.linear import C_GRID
-    from pipeline.train import FeatureSet, fit
+    from pipeline.train.fit import FeatureSet, fit
 
     device = resolve_device(args.device)
     x16, y, split = make_data(n=args.n, d=args.d)

@@ -32,7 +32,7 @@ def synthetic_features(*, arch: str, n: int, device, seed: int = 0):
 
     from cache.ragged import Ragged
     from cache.schema import LOGIT_FILL, ArraySpec
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
     rng = np.random.default_rng(seed)
     d, q = 64, 8
@@ -69,7 +69,7 @@ def synthetic_features(*, arch: str, n: int, device, seed: int = 0):
 def cached_features(*, ref: str, arch: str, device):
     from cache.reader import open_cache
     from pipeline.config import TrainConfig
-    from pipeline.train import head_inputs, load_features
+    from pipeline.train.fit import head_inputs, load_features
 
     cache = open_cache(ref)
     available = tuple(s.name for s in cache.arrays())
@@ -114,8 +114,8 @@ def main() -> None:
     import torch
 
     from pipeline.config import resolve_device
-    from pipeline.task import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

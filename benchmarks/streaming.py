@@ -69,9 +69,7 @@ def child(path: str, budget_gb: float | None, epochs: int) -> None:
 
     from cache.reader import open_cache
     from pipeline.config import TrainConfig
-    from pipeline.train import fit, load_features
-
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet, fit, load_features
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     # a tiny fit first: lazy imports (metrics, sklearn) and allocator arenas count in the base, not in either way

@@ -13,7 +13,7 @@ One run, side by side, on one synthetic cache (a frozen 4-layer transformer's me
    one-time extraction that fills the cache.
 4. End to end: (3) against (1) plus the one extraction (target >= 100x), and where the sweep's time
    goes per configuration: inside the training steps (``step_seconds`` of each run record, measured by
-   ``pipeline.loop``), in evaluations, and everything else (start-up, cache load, final metrics, records).
+   ``pipeline.train.loop``), in evaluations, and everything else (start-up, cache load, final metrics, records).
 With `--strategies`, the sweep is also timed with `--strategy in-turn` and `--strategy stacked`.
 Each variant writes into its own runs folder, so no run is skipped as already recorded.
 """
@@ -95,8 +95,8 @@ def _old_way_epoch_seconds(*, backbone, x, y, train_idx, arch: str, d: int, batc
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.task import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     family = HEADS.get(arch)
     net, _ = family.resolve_params({})

@@ -30,8 +30,8 @@ from cache import layout as L
 from cache.errors import CacheError
 from cache.key import cache_path
 from cache.layout import Unit
-from cache.meta import _check_json, _ftpipe_version, _now, _open_group, read_meta, update_meta  # noqa: F401
 from cache.lock import StoreLock
+from cache.meta import _check_json, _ftpipe_version, _now, _open_group, read_meta, update_meta  # noqa: F401
 from cache.rawio import remove_temporaries, write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 
@@ -244,7 +244,7 @@ class CacheWriter:
         on_wait: Callable[[str], None] | None = None,
         assigned: Collection[int] | None = None,
     ) -> None:
-        # assigned: the unit ids this rank writes, decided once by rank 0 (pipeline/distributed.py);
+        # assigned: the unit ids this rank writes, decided once by rank 0 (pipeline/extract/distributed.py);
         # None keeps the static split by ``unit id % world_size``.
         self._assigned = None if assigned is None else frozenset(int(i) for i in assigned)
         if world_size < 1 or not 0 <= rank < world_size:

@@ -25,7 +25,7 @@ def list_rows(*, root: Path) -> list[dict[str, Any]]:
 
 
 def format_rows(rows: list[dict[str, Any]], *, root: Path | None = None) -> str:
-    from pipeline.table import format_table
+    from pipeline.results.table import format_table
 
     where = f"caches under {Path(root).resolve()}" if root is not None else ""
     if not rows:

@@ -119,7 +119,7 @@ class TrainConfig:
     target: str | None = None  # targets/<name>; default: the cache's only target
     task: str | None = None  # classify | regress; default: from the head or the target's dtype
     params: dict[str, Any] = field(default_factory=dict)  # head hyperparameters (--set key=value)
-    # Budget (pipeline.loop): max_steps optimiser steps if given, else epochs x steps per epoch
+    # Budget (pipeline.train.loop): max_steps optimiser steps if given, else epochs x steps per epoch
     # (evaluated once per epoch, as before the step budget), else an automatic budget scaled to the data.
     epochs: int | None = None
     lr: float = 1e-3  # AdamW peak learning rate
@@ -129,7 +129,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     patience: int = 10  # early stopping: evaluations without a lower val loss; 0 disables
     max_steps: int | None = None  # optimiser steps (overrides epochs); None = from epochs or automatic
-    eval_every: int | None = None  # steps between val evaluations; None = one epoch (bounded, see pipeline.loop)
+    eval_every: int | None = None  # steps between val evaluations; None = one epoch (bounded, see pipeline.train.loop)
     seed: int = 0
     device: str = "auto"
     select_split: str = "val"  # split used for early stopping and best-weight selection (never test)

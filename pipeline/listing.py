@@ -35,7 +35,7 @@ def describe_heads() -> list[dict[str, Any]]:
 
 
 def format_heads(heads: list[dict[str, Any]]) -> str:
-    from pipeline.table import format_table
+    from pipeline.results.table import format_table
 
     rows = []
     for h in heads:

@@ -23,7 +23,7 @@ LOSSES = {"classify": ("ce",), "regress": ("mse", "smooth_l1", "huber")}
 class Task:
     """What is learnt and how targets map to the head's output space and back.
 
-    Fitted on the train split by ``pipeline.train.resolve_task`` and saved in ``config.yaml`` so a
+    Fitted on the train split by ``pipeline.train.fit.resolve_task`` and saved in ``config.yaml`` so a
     loaded head decodes exactly as the trained one did.
     """
 

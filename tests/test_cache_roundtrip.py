@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cache_helpers import batches, build, make_data, make_schema
 
 from cache.errors import CacheError, CacheIncompleteError
 from cache.key import make_key
 from cache.reader import open_cache
 from cache.schema import ArraySpec, CacheSchema
 from cache.writer import CacheWriter, create_cache
-from cache_helpers import batches, build, make_data, make_schema
 
 N = 101  # deliberately not a multiple of the unit size
 

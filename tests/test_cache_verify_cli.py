@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from cache_helpers import build, make_data, make_schema
 from click.testing import CliRunner
 
 from cache.errors import CacheError, CacheIncompleteError
 from cache.reader import open_cache
 from cache.verify import verify_cache
 from cache.writer import CacheWriter
-from cache_helpers import build, make_data, make_schema
 from cli import main
 
 N, UNIT = 80, 16

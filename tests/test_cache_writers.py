@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cache_helpers import batches, build, make_data, make_schema
 
 from cache import layout as L
 from cache.errors import CacheLockedError
 from cache.key import make_key
 from cache.reader import open_cache
 from cache.writer import CacheWriter, create_cache
-from cache_helpers import batches, build, make_data, make_schema
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

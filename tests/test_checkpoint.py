@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import extract_fixtures as fx
 import pytest
 import torch
 from torch import nn
 
-import extract_fixtures as fx
 from pipeline.backbones.base import CheckpointRules
-from pipeline.checkpoint import freeze, load_and_freeze, load_verified, map_key, read_checkpoint
 from pipeline.errors import CheckpointError
+from pipeline.extract.checkpoint import freeze, load_and_freeze, load_verified, map_key, read_checkpoint
 
 RULES = CheckpointRules()
 
@@ -160,8 +160,8 @@ def test_object_of_a_class_not_importable_is_not_called_truncated(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.checkpoint import read_checkpoint
     from pipeline.errors import CheckpointError
+    from pipeline.extract.checkpoint import read_checkpoint
 
     path = tmp_path / "with_object.ckpt"
     code = ("import torch\nclass Settings: pass\n"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 import pytest
+from cache_fixtures import synthetic_cache
 from click.testing import CliRunner
 
-from cache_fixtures import synthetic_cache
 from cli import main
 
 

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 
 from cli import main
-from pipeline import stats as S
-from pipeline.compare import compare, verdict
 from pipeline.errors import FtpipeError
 from pipeline.heads.base import Task
-from pipeline.results import prediction_columns, write_results_row, write_table
+from pipeline.results import stats as S
+from pipeline.results.compare import compare, verdict
+from pipeline.results.records import prediction_columns, write_results_row, write_table
 
 
 def fake_run(runs: Path, *, run_id: str, config_id: str, seed: int, cache_key: str, task: Task,
@@ -222,7 +222,7 @@ def test_end_to_end_on_real_data(tmp_path, dataset):
 
 
 def test_report_draws_intervals_and_the_comparison_with_the_best(runs, tmp_path):
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
 
     ids = [f"{c}_seed{s}-{c}0000" for c in ("good", "weak") for s in range(10)] + ["same-1"]
     page = write_report(sweep_id=None, run_ids=ids, runs_dir=runs, out=tmp_path / "report")
@@ -233,7 +233,7 @@ def test_report_draws_intervals_and_the_comparison_with_the_best(runs, tmp_path)
 
 
 def test_per_object_runs_resample_whole_samples(tmp_path):
-    from pipeline.metrics import regression_metrics
+    from pipeline.results.metrics import regression_metrics
 
     runs = tmp_path / "runs"
     rng = np.random.default_rng(3)

@@ -55,7 +55,7 @@ def test_report_files_exist(demo_run):
 
 
 def test_results_table_has_every_run(demo_run):
-    from pipeline.results import read_results
+    from pipeline.results.records import read_results
 
     workdir, out, summary = demo_run
     rows = read_results(runs_dir=workdir / "tracks" / "runs")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import extract_fixtures as fx
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-import extract_fixtures as fx
 from cache.reader import open_cache
 from cli import main
 
@@ -81,8 +81,8 @@ def test_reuse_does_not_build_the_backbone(tmp_path, setup, monkeypatch):
     def boom(**_kw):
         raise AssertionError("the backbone was built for a complete cache")
 
-    monkeypatch.setattr("pipeline.extract._build_backbone", boom)
-    monkeypatch.setattr("pipeline.extract.read_checkpoint", boom, raising=False)
+    monkeypatch.setattr("pipeline.extract.run._build_backbone", boom)
+    monkeypatch.setattr("pipeline.extract.run.read_checkpoint", boom, raising=False)
     assert _json(_extract(tmp_path, ckpt, config))["reused"] is True
     assert first["path"]
 

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import extract_fixtures as fx
 import numpy as np
 
-import extract_fixtures as fx
 from cache.reader import open_cache
 from cache.writer import read_meta
 from pipeline import config as cfg
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT_ROWS = 8
@@ -24,7 +24,7 @@ SCRIPT = """
 import sys
 from pathlib import Path
 from pipeline import config as cfg
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 conf = cfg.load(cfg.ExtractConfig, yaml_path=sys.argv[1])
 run_extract(config=conf, checkpoint=Path(sys.argv[2]), cache_root=Path(sys.argv[3]), progress=False, unit_rows=int(sys.argv[4]))
 """

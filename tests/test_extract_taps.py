@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.backbones.generic import build_generic, import_class, parse_tap
+from pipeline.blocks import pool
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
-from pipeline.pooling import pool
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
 

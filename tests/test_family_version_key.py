@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cache.key import make_key
 from pipeline import config as cfg
-from pipeline.extract import key_record
+from pipeline.extract.run import key_record
 
 
 def _key() -> str:

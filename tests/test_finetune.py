@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_helpers import pretrain_through_cli
 from click.testing import CliRunner
+from finetune_fixtures import bn_checkpoint, dense_data, transfer_data, write_config
 
 from cli import main
-from cli_helpers import pretrain_through_cli
-from finetune_fixtures import bn_checkpoint, dense_data, transfer_data, write_config
 
 CPU = torch.device("cpu")
 F16_ATOL = 2e-3  # float16 storage: a feature may round one ulp differently when batches differ
@@ -162,7 +162,7 @@ def test_family_layer_groups_cover_the_vit():
 
 def test_llrd_effective_lr_per_group_at_steps(vit_probe: dict):
     from pipeline.finetune.fit import FinetuneConfig, fit_phases
-    from pipeline.train import lr_factor
+    from pipeline.train.fit import lr_factor
 
     run = _load(vit_probe)
     cfg = FinetuneConfig(strategy="llrd", llrd_decay=0.5, lr=1e-3, epochs=2, patience=0, batch_size=32,
@@ -230,7 +230,7 @@ def test_gradual_cli_records_a_results_row_beside_the_probe(vit_probe: dict):
     assert [p["name"] for p in out["phases"]] == ["head", "head+1 group", "all"]
     counts = [p["trainable_params"]["total"] for p in out["phases"]]
     assert counts[0] < counts[1] < counts[2]
-    from pipeline.results import format_leaderboard, leaderboard, read_results
+    from pipeline.results.records import format_leaderboard, leaderboard, read_results
 
     rows = {r["run_id"]: r for r in read_results(runs_dir=vit_probe["runs"])}
     ft = rows[out["run_id"]]
@@ -240,7 +240,7 @@ def test_gradual_cli_records_a_results_row_beside_the_probe(vit_probe: dict):
     assert ft["val_accuracy"] == pytest.approx(out["metrics"]["val"]["accuracy"])
     table = format_leaderboard(leaderboard(runs_dir=vit_probe["runs"]))
     assert "[gradual]" in table and len(table.splitlines()) >= 3
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
 
     page = write_report(sweep_id=None, run_ids=[vit_probe["run_id"], out["run_id"]], runs_dir=vit_probe["runs"],
                         out=vit_probe["folder"] / "report")
@@ -311,8 +311,8 @@ def test_export_predict_reproduces_a_finetuned_run(vit_probe: dict, tmp_path: Pa
     stored = _stored(vit_probe["runs"] / out["run_id"], "val")
     probs = np.stack([preds[f"prob_{c}"][stored["row"]] for c in range(4)], axis=1)
     assert np.max(np.abs(probs - _pred_columns(stored))) < 1e-5  # the same float path as the fine-tune's evaluation
-    from pipeline.metrics import compute
     from pipeline.finetune.source import load_run
+    from pipeline.results.metrics import compute
 
     run = load_run(run_id=out["run_id"], runs_dir=vit_probe["runs"], device=CPU)
     assert compute(task=run.task, y=stored["target"], pred=probs)["accuracy"] == pytest.approx(
@@ -400,6 +400,7 @@ def test_ragged_backbone_export_is_refused_without_a_file(tmp_path: Path):
 
 def test_class_path_groups_from_top_level_order_or_unfreeze_patterns():
     from finetune_fixtures import BNNet
+
     from pipeline.errors import ConfigError
     from pipeline.finetune import strategies as S
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cache_fixtures import ALL_ARRAYS, synthetic_cache
 
 from cache.reader import open_cache
-from cache_fixtures import ALL_ARRAYS, synthetic_cache
 from pipeline.config import TrainConfig
 from pipeline.registry import HEADS
-from pipeline.train import build_head, fit, load_features
+from pipeline.train.fit import build_head, fit, load_features
 
 CASES = [(name, task) for name in HEADS.names() for task in HEADS.get(name).tasks]
 CPU = torch.device("cpu")

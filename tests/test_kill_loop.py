@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import extract_fixtures as fx
+
 from cache.writer import read_meta
 from pipeline import config as cfg
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 
 N, UNIT_ROWS, KILLS = 64, 4, 10
 

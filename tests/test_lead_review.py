@@ -13,7 +13,7 @@ from tests.test_sweep import fail_fit_at_lr, tiny_cache
 
 def test_cli_sweep_with_a_failed_configuration_exits_1_after_recording_the_rest(tmp_path: Path, monkeypatch):
     from cli import main
-    from pipeline.results import read_results
+    from pipeline.results.records import read_results
 
     key = tiny_cache(tmp_path / "cache")
     fail_fit_at_lr(monkeypatch, 1e-2)
@@ -45,7 +45,7 @@ def test_float16_overflow_is_refused_at_extraction_not_stored_as_inf():
 
     from cache.schema import ArraySpec
     from pipeline.errors import ConfigError
-    from pipeline.extract import _check_and_convert
+    from pipeline.extract.run import _check_and_convert
 
     specs = [ArraySpec("pooled/x", "float16", (2,))]
     ok = _check_and_convert({"pooled/x": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, specs=specs, lengths={},

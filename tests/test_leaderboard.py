@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.config import TrainConfig
-from pipeline.results import results_row, write_results_row, write_table
-from pipeline.train import config_id
+from pipeline.results.records import results_row, write_results_row, write_table
+from pipeline.train.fit import config_id
 
 
 def _run(runs: Path, *, arch: str, seed: int, target: str, task: str, metrics: dict, cache_key: str = "cafe0123",

@@ -14,12 +14,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cache_fixtures import array_cache, synthetic_cache
 
 from cache.reader import open_cache
-from cache_fixtures import array_cache, synthetic_cache
 from pipeline.config import TrainConfig
 from pipeline.heads.linear import ALPHA_GRID, C_GRID
-from pipeline.train import build_head, fit, load_features
+from pipeline.train.fit import build_head, fit, load_features
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def test_linear_regression_matches_sklearn_ridge(caches, name):
 def test_default_mlp_heads_reach_the_linear_probe(caches, name):
     # standardised features (train statistics), as a backbone's embeddings roughly are: the MLP heads do not
     # rescale their inputs (breast_cancer's raw columns span 1e-3 ... 4e3), the probe does it itself
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
     _, x, y, s = caches[name]
     features = FeatureSet.from_tensors(arrays={"pooled/mean": _standardised(x, s).astype(np.float32)},
@@ -196,7 +196,8 @@ def test_too_small_budget_is_not_converged_and_the_cli_warns(tmp_path):
 
 def test_sweep_trains_the_probe_in_turn_and_says_why(tmp_path):
     from cache_fixtures import synthetic_cache as sc
-    from pipeline.sweep import SweepSpec, run_sweep
+
+    from pipeline.train.sweep import SweepSpec, run_sweep
 
     path = sc(tmp_path / "cache", task="classify", n=300, seed=2)
     spec = SweepSpec(name="probe", device="cpu", seeds=(0, 1), grids=({"arch": ("linear",), "C": (0.1,)},))

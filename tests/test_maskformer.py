@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import pretrain_through_cli
 
 from cache.schema import LOGIT_FILL
 from pipeline.backbones import maskformer as mf
@@ -18,7 +19,6 @@ from pipeline.data.generators.tracks import generate_tracks
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError
 from pipeline.registry import BACKBONES
-from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1}  # fast stage one for plumbing tests
@@ -95,7 +95,7 @@ def test_hungarian_matching_recovers_a_clean_assignment():
 
 
 def test_stage_one_checkpoint_layout(tiny: dict):
-    from pipeline.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
 
     result = tiny["result"]
     assert result["checkpoint"] == str(tiny["ckpt"]) and result["epochs"] == 1
@@ -121,7 +121,7 @@ def test_stage_one_checkpoint_layout(tiny: dict):
 
 
 def test_pretrain_rejects_unknown_options(tiny: dict, tmp_path: Path):
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     with pytest.raises(ConfigError, match="nosuch"):
         run_pretrain(backbone="maskformer", data=tiny["data"], out=tmp_path / "x.ckpt", epochs=1, device=CPU,
@@ -133,7 +133,7 @@ def test_pretrain_rejects_unknown_options(tiny: dict, tmp_path: Path):
 
 
 def test_stage_one_is_deterministic_by_seed(tiny: dict, tmp_path: Path):
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     def state(seed: int, name: str) -> dict:
         run_pretrain(backbone="maskformer", data=tiny["data"], out=tmp_path / name, epochs=1, seed=seed, device=CPU,
@@ -147,7 +147,7 @@ def test_stage_one_is_deterministic_by_seed(tiny: dict, tmp_path: Path):
 
 def test_stage_one_learns_assignment(tmp_path: Path):
     """A short stage one on 320 training events finds most particles; an untrained model finds none."""
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     data = generate_tracks(out=tmp_path / "events.parquet", n=400, seed=11)
     source = _source(data)
@@ -169,7 +169,7 @@ def test_extract_equals_direct_forward_and_ragged_arrays_line_up(tiny: dict, tmp
 
     from cache.reader import open_cache
     from cli import main
-    from pipeline.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
 
     args = ["extract", "--backbone", "maskformer", "--checkpoint", str(tiny["ckpt"]), "--data", str(tiny["data"]),
             "--cache-root", str(tmp_path / "cache"), "--batch-size", "16", "--device", "cpu", "--json"]

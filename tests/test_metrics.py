@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from pipeline.heads.base import Task
-from pipeline.metrics import compute, higher_is_better, relative_resolution
+from pipeline.results.metrics import compute, higher_is_better, relative_resolution
 
 
 def test_binary_matches_sklearn_and_drops_nan():
@@ -70,7 +70,7 @@ def test_direction():
 
 @pytest.mark.parametrize("kind, c", [("classify", 2), ("classify", 4), ("regress", 1), ("regress", 3)])
 def test_epoch_metrics_equal_the_scikit_learn_light_metrics(kind, c):
-    from pipeline.metrics import compute, epoch_metrics
+    from pipeline.results.metrics import compute, epoch_metrics
     from pipeline.task import Task
 
     rng = np.random.default_rng(c)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.object_metrics import (
+from pipeline.results.object_metrics import (
     binned_resolution,
     field_metrics,
     object_regression_metrics,
@@ -62,7 +62,7 @@ def test_valid_metrics_efficiency_and_purity() -> None:
 
 
 def test_per_object_metrics_drops_unmatched_and_scores_a_baseline() -> None:
-    from pipeline.object_metrics import per_object_metrics
+    from pipeline.results.object_metrics import per_object_metrics
 
     y = np.array([[1.0, np.nan], [2.0, 4.0]])
     pred = np.array([[[1.1], [99.0]], [[2.0], [4.4]]])
@@ -74,7 +74,7 @@ def test_per_object_metrics_drops_unmatched_and_scores_a_baseline() -> None:
 
 
 def test_logres68_cannot_be_gamed_by_a_constant_but_res68_can() -> None:
-    from pipeline.object_metrics import log_res68
+    from pipeline.results.object_metrics import log_res68
 
     rng = np.random.default_rng(2)
     true = np.exp(rng.uniform(np.log(0.5), np.log(10), 5000))

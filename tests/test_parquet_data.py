@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DataConfig, build, load, ExtractConfig
+from pipeline.config import DataConfig, ExtractConfig, build, load
 from pipeline.data import open_data
 from pipeline.data.layouts import LAYOUTS, layout_for_backbone
 from pipeline.data.parquet import ParquetSource

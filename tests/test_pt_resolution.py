@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import TrainError
 from pipeline.heads.weighted_pool import _circle_fit_columns, assignment, circle_fit_curvature
-from pipeline.metrics import log_resolution, regression_metrics
+from pipeline.results.metrics import log_resolution, regression_metrics
 
 
 def test_logres68_is_the_same_for_every_constant_but_relative_res68_is_not():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.errors import FtpipeError
-from pipeline.report import write_report
+from pipeline.results.report import write_report
 
 
 class _Images(HTMLParser):
@@ -47,7 +47,7 @@ def _assert_figures_exist(page: Path) -> list[str]:
 def _fake_run(runs: Path, *, run_id: str, task: str, arch: str, params: dict, lr: float, seed: int, cache_key: str,
               sweep_id: str, quality: float) -> None:
     """One run as train.write_run writes it (docs/CONTRACTS.md), with plausible numbers."""
-    from pipeline.results import write_table
+    from pipeline.results.records import write_table
 
     rng = np.random.default_rng(seed + int(lr * 1e4))
     d = runs / run_id
@@ -143,9 +143,9 @@ def test_report_errors_are_actionable(fake_runs, tmp_path: Path):
 
 def test_report_of_a_real_sweep_through_the_cli(tmp_path: Path):
     from click.testing import CliRunner
+    from test_sweep import tiny_cache
 
     from cli import main
-    from test_sweep import tiny_cache
 
     key = tiny_cache(tmp_path / "cache")
     runner = CliRunner()

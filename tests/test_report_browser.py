@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.report import write_report
-from pipeline.results import write_table
 from test_report import _fake_run
+
+from pipeline.results.records import write_table
+from pipeline.results.report import write_report
 
 
 def _multiclass_run(runs: Path, *, run_id: str, hidden: int, quality: float) -> None:

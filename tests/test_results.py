@@ -10,8 +10,14 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.errors import FtpipeError
-from pipeline.results import format_leaderboard, leaderboard, read_results, results_row, write_results_row
-from pipeline.train import config_id
+from pipeline.results.records import (
+    format_leaderboard,
+    leaderboard,
+    read_results,
+    results_row,
+    write_results_row,
+)
+from pipeline.train.fit import config_id
 
 
 def _write(runs, *, arch, seed, val_auroc, cache_key="abc123", sweep_id=None, params=None, val_mse=None):

@@ -71,7 +71,7 @@ def test_finalize_verification_error_is_one_line(tmp_path: Path):
 
 def test_generic_pool_mask_of_the_wrong_length_is_a_config_error():
     # A tap of (B, 1+T, D) (a CLS token in front) pooled with a (B, T) pool_mask used to raise a
-    # bare ValueError from pipeline/pooling.py: a traceback instead of one `error:` line.
+    # bare ValueError from pipeline/blocks.py: a traceback instead of one `error:` line.
     import torch
 
     from pipeline.backbones.generic import GenericBackbone

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
-from pipeline.metrics import higher_is_better
-from pipeline.train import FeatureSet, fit
+from pipeline.results.metrics import higher_is_better
+from pipeline.train.fit import FeatureSet, fit
 
 CPU = torch.device("cpu")
 
@@ -39,7 +39,7 @@ def test_selection_split_without_any_target_is_a_clear_error(arch):
 
 
 def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
-    from pipeline.sweep import fit_group_stacked
+    from pipeline.train.sweep import fit_group_stacked
 
     rng = np.random.default_rng(2)
     split = np.array([0] * 80 + [1] * 20 + [2] * 20, dtype=np.uint8)

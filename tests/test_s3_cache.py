@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import extract_fixtures as fx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import extract_fixtures as fx
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -27,7 +26,7 @@ SCRIPT = """
 import sys
 from pathlib import Path
 from pipeline import config as cfg
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 conf = cfg.load(cfg.ExtractConfig, yaml_path=sys.argv[1], overrides={"device": "cpu"})
 run_extract(config=conf, checkpoint=Path(sys.argv[2]), cache_root=sys.argv[3], progress=False, unit_rows=8)
 """
@@ -85,7 +84,7 @@ def test_extract_kill_resume_verify_train_sweep_rm_on_s3(tmp_path, s3):
     from cache.reader import open_cache
     from cache.writer import read_meta
     from pipeline import config as cfg
-    from pipeline.extract import run_extract
+    from pipeline.extract.run import run_extract
 
     root = "s3://ftpipe-test/caches"
     data = fx.make_data(tmp_path / "data.npz", n=N)

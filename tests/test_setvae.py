@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_helpers import pretrain_through_cli
 
 from pipeline.backbones import setvae as sv
 from pipeline.config import BackboneConfig, DataConfig, ExtractConfig, build
@@ -16,7 +17,6 @@ from pipeline.data.generators.icu import make_icu
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError, DataError
 from pipeline.registry import BACKBONES
-from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"dim": 32, "latent_dim": 8, "num_heads": 2, "depth": 1}  # plumbing tests; the quality test uses the demo size
@@ -110,7 +110,7 @@ def test_misaligned_sets_are_a_data_error(tiny: dict):
 
 
 def test_stage_one_checkpoint_layout_and_head_dropped(tiny: dict, tmp_path: Path):
-    from pipeline.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
 
     raw = torch.load(tiny["ckpt"], weights_only=True)
     hp = raw["hyper_parameters"]
@@ -132,7 +132,7 @@ def test_stage_one_checkpoint_layout_and_head_dropped(tiny: dict, tmp_path: Path
 
 
 def test_pretrain_rejects_unknown_options(tiny: dict, tmp_path: Path):
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     with pytest.raises(ConfigError, match="nosuch"):
         run_pretrain(backbone="setvae", data=tiny["data"], out=tmp_path / "x.ckpt", epochs=1, device=CPU,
@@ -145,8 +145,8 @@ def test_pretrain_rejects_unknown_options(tiny: dict, tmp_path: Path):
 
 def test_extract_equals_direct_forward_and_seq_lines_up_with_sets(tiny: dict, tmp_path: Path):
     from cache.reader import open_cache
-    from pipeline.checkpoint import load_verified, read_checkpoint
-    from pipeline.extract import run_extract
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.run import run_extract
 
     layout = layout_for_backbone("setvae", path=str(tiny["data"]))
     config = ExtractConfig(backbone=BackboneConfig(name="setvae"), data=build(DataConfig, layout),
@@ -184,7 +184,7 @@ def test_extract_equals_direct_forward_and_seq_lines_up_with_sets(tiny: dict, tm
 
 def test_stage_one_learns_the_label_and_reconstruction(tmp_path: Path):
     """Demo-size model, 600 stays, 6 epochs: the auxiliary head ranks val stays well; recon beats untrained."""
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     data = make_icu(out=tmp_path / "stays.parquet", n=600, seed=0)
     source = _source(data)

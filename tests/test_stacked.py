@@ -1,7 +1,7 @@
 """Stacked (torch.func vmap) training equals training the same heads one at a time.
 
 Two levels: the stacked step against the single-model step, both driven by the one production loop
-(``pipeline.loop.run_loop``) in float64 (equal to ~1e-10: same init, same batches, same schedule,
+(``pipeline.train.loop.run_loop``) in float64 (equal to ~1e-10: same init, same batches, same schedule,
 clipping, early stopping), and the sweep's stacked path against the real trainer (``pipeline.train.fit``)
 in float32, where equality is to rounding.
 
@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import loop as L
-from pipeline import stacked as S
-
+from pipeline.train import loop as L
+from pipeline.train import stacked as S
 
 
 def _data(n: int = 301, d: int = 12, dtype=torch.float64):
@@ -38,7 +37,7 @@ def _net(seed: int, d: int, dtype) -> nn.Module:
 
 
 def test_stacked_step_equals_single_step_through_the_production_loop_float64():
-    """Both steps run by the one production loop (``pipeline.loop.run_loop``), no reference copy."""
+    """Both steps run by the one production loop (``pipeline.train.loop.run_loop``), no reference copy."""
     x, y, tr, va = _data()
     optims = [L.Optim(lr=1e-3, weight_decay=1e-2, seed=0), L.Optim(lr=3e-3, weight_decay=0.0, seed=1),
               L.Optim(lr=2e-2, weight_decay=5e-2, seed=2), L.Optim(lr=1e-2, weight_decay=1e-3, seed=0)]
@@ -95,8 +94,8 @@ def test_stacked_adamw_and_clipping_match_torch_in_one_step():
                                           ("mlp", {"hidden": [16, 8], "dropout": 0.0, "norm": "layer"})])
 def test_sweep_stacked_path_equals_the_trainer_run_one_at_a_time(arch, params):
     from pipeline.config import TrainConfig
-    from pipeline.sweep import fit_group_stacked
-    from pipeline.train import FeatureSet, fit
+    from pipeline.train.fit import FeatureSet, fit
+    from pipeline.train.sweep import fit_group_stacked
 
     rng = np.random.default_rng(0)
     n, d = 250, 10
@@ -138,8 +137,8 @@ def test_stacking_refuses_different_shapes():
 def test_stacked_equals_in_turn_on_cuda_with_autocast():
     """On a GPU both ways run the forward under bfloat16 autocast, so they agree to bfloat16 rounding."""
     from pipeline.config import TrainConfig
-    from pipeline.sweep import fit_group_stacked
-    from pipeline.train import FeatureSet, fit
+    from pipeline.train.fit import FeatureSet, fit
+    from pipeline.train.sweep import fit_group_stacked
 
     rng = np.random.default_rng(0)
     n, d = 2000, 64

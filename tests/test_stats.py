@@ -1,4 +1,4 @@
-"""pipeline.stats against references: scikit-learn per resample, scipy's binomial test, brute-force DeLong,
+"""pipeline.results.stats against references: scikit-learn per resample, scipy's binomial test, brute-force DeLong,
 and simulations with a known effect (coverage) or none (uniform p-values)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from scipy import stats as sps
 from sklearn import datasets
 from sklearn import metrics as skm
 
-from pipeline import stats as S
-from pipeline.metrics import classification_metrics, regression_metrics
+from pipeline.results import stats as S
+from pipeline.results.metrics import classification_metrics, regression_metrics
 
 
 def _binormal(rng, n, mus, rho=0.5, prev=0.4, ties=False):
@@ -73,7 +73,7 @@ def test_regression_metrics_equal_pipeline_metrics_on_every_resample(n):
     coef, *_ = np.linalg.lstsq(np.c_[x[:, :3], np.ones(n)], y, rcond=None)
     pred = np.c_[x[:, :3], np.ones(n)] @ coef
     y2 = y.copy()
-    y2[3] = np.nan  # a missing target is skipped, as pipeline.metrics does
+    y2[3] = np.nan  # a missing target is skipped, as pipeline.results.metrics does
     p = S.regression(y=y2, pred=pred)
     idx = S.resample_indices(n=n, n_boot=25, seed=3)
     refs = [regression_metrics(y=y2[i].reshape(-1, 1), pred=pred[i].reshape(-1, 1)) for i in idx]

@@ -18,8 +18,8 @@ from cache.reader import open_cache
 from cache.schema import ArraySpec, CacheSchema
 from cache.writer import CacheWriter, create_cache
 from pipeline.config import TrainConfig
-from pipeline.streaming import StreamedFeatureSet
-from pipeline.train import fit, load_features
+from pipeline.train.fit import fit, load_features
+from pipeline.train.streaming import StreamedFeatureSet
 
 CPU = torch.device("cpu")
 

@@ -107,8 +107,8 @@ def test_object_valid_reports_head_and_backbone_auroc_on_the_same_objects(object
     from cache.reader import open_cache
     from pipeline.config import TrainConfig
     from pipeline.heads.object_valid import backbone_valid_metrics
-    from pipeline.object_metrics import valid_metrics
-    from pipeline.train import fit, load_features
+    from pipeline.results.object_metrics import valid_metrics
+    from pipeline.train.fit import fit, load_features
 
     feats = load_features(
         cache=open_cache(object_cache),
@@ -137,7 +137,7 @@ def test_vae_fusion_options_train_from_a_ragged_cache(fusion: str, tmp_path) -> 
 
     from cache.reader import open_cache
     from pipeline.config import TrainConfig
-    from pipeline.train import fit, load_features
+    from pipeline.train.fit import fit, load_features
 
     path = synthetic_cache(tmp_path, arrays=("vae/mu", "vae/logvar"), task="classify", n=400, seed=2)
     feats = load_features(
@@ -159,7 +159,7 @@ def _salient_step_features(*, n: int = 600, d: int = 16, seed: int = 0):
 
     from cache.ragged import Ragged
     from cache.schema import ArraySpec
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
     rng = np.random.default_rng(seed)
     u = rng.standard_normal(d - 1)
@@ -194,7 +194,7 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
     # On the built-in icu cache the two tie (see the attn_pool docstring); here the label lives in one
     # step of a variable-length sequence, which is what attention pooling is for.
     from pipeline.config import TrainConfig
-    from pipeline.train import fit
+    from pipeline.train.fit import fit
 
     feats = _salient_step_features()
     common = dict(epochs=20, lr=3e-3, batch_size=64, device="cpu")

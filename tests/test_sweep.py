@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.sweep import SweepSpec, parse_axis, run_sweep, sweep_spec_from_cli
+from pipeline.train.sweep import SweepSpec, parse_axis, run_sweep, sweep_spec_from_cli
 
 
 def tiny_cache(root: Path, *, n: int = 240, d: int = 8, seed: int = 0) -> str:
@@ -126,7 +126,7 @@ def test_sweep_configs_in_repo_expand():
 
 
 def _result_rows(runs: Path) -> list[dict]:
-    from pipeline.results import read_results
+    from pipeline.results.records import read_results
 
     return read_results(runs_dir=runs)
 
@@ -174,7 +174,7 @@ def test_seeds_and_two_caches_side_by_side(tmp_path: Path):
 
 
 def test_interrupted_sweep_resumes_and_skips_finished_runs(tmp_path: Path, monkeypatch):
-    from pipeline import train as T
+    from pipeline.train import fit as T
 
     key = tiny_cache(tmp_path / "cache")
     spec = SweepSpec(name="resume", device="cpu", target="label", train={"epochs": 2},
@@ -230,13 +230,13 @@ def test_cli_sweep_prints_json_with_sweep_id(tmp_path: Path):
 def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkeypatch, caplog):
     import logging
 
-    from pipeline import sweep as SW
+    from pipeline.train import sweep as SW
 
     monkeypatch.setattr(SW, "MEASURE_MIN_TRAIN_STEPS", 0)  # the tiny run would otherwise not be worth measuring
     key = tiny_cache(tmp_path / "cache")
     spec = SweepSpec(name="auto", device="cpu", target="label", train={"epochs": 1},
                      grids=({"arch": ("linear-sgd",), "lr": (1e-3, 1e-2)},))
-    with caplog.at_level(logging.INFO, logger="pipeline.sweep"):
+    with caplog.at_level(logging.INFO, logger="pipeline.train.sweep"):
         result = run_sweep(cache_refs=[key], cache_root=tmp_path / "cache", spec=spec, runs_dir=tmp_path / "runs")
     (group,) = result.groups
     assert group["measured"]["stacked"] > 0 and group["measured"]["in_turn"] > 0
@@ -247,8 +247,8 @@ def test_auto_strategy_measures_and_records_what_it_chose(tmp_path: Path, monkey
 
 def fail_fit_at_lr(monkeypatch, lr: float):
     """Make ``train.fit`` raise a TrainError for configurations with this lr; returns the real fit."""
-    from pipeline import train as T
     from pipeline.errors import TrainError
+    from pipeline.train import fit as T
 
     real_fit = T.fit
 
@@ -262,7 +262,7 @@ def fail_fit_at_lr(monkeypatch, lr: float):
 
 
 def test_a_failing_configuration_does_not_stop_the_grid(tmp_path: Path, monkeypatch):
-    from pipeline import train as T
+    from pipeline.train import fit as T
 
     key = tiny_cache(tmp_path / "cache")
     spec = SweepSpec(name="fail", device="cpu", target="label", train={"epochs": 1},

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_sweep import tiny_cache
 
 from cli import main
 from pipeline.errors import ConfigError
-from pipeline.sweep import parse_shard, shard_of
-from test_sweep import tiny_cache
+from pipeline.train.sweep import parse_shard, shard_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--arch", "linear,mlp", "--set", "lr=0.001,0.01", "--seeds", "2", "--epochs", "1", "--strategy", "in-turn",

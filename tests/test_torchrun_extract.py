@@ -11,15 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import extract_fixtures as fx
 import numpy as np
 import pytest
 
-import extract_fixtures as fx
 from cache.layout import read_records
 from cache.reader import open_cache
 from cache.writer import read_meta
 from pipeline import config as cfg
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 44  # 6 units of 8 rows (the last one short): uneven over 2 and 3 ranks

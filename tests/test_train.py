@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from cache_fixtures import synthetic_cache
 
 from cache.reader import open_cache
-from cache_fixtures import synthetic_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
-from pipeline.train import fit, load_features, run_train_head
+from pipeline.train.fit import fit, load_features, run_train_head
 
 CPU = torch.device("cpu")
 
@@ -178,7 +178,7 @@ def test_train_imports_neither_lightgbm_nor_matplotlib(root, tmp_path):
     from pathlib import Path
 
     path = synthetic_cache(root, task="classify", n=100, seed=13)
-    code = ("import sys; from pipeline.config import TrainConfig; from pipeline.train import run_train_head; "
+    code = ("import sys; from pipeline.config import TrainConfig; from pipeline.train.fit import run_train_head; "
             f"run_train_head(cache_ref={str(path)!r}, cache_root=None, config=TrainConfig(arch='linear', epochs=1), "
             f"runs_dir={str(tmp_path)!r}); "
             "bad = [m for m in ('lightgbm', 'matplotlib') if m in sys.modules]; assert not bad, bad")

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cache_fixtures import synthetic_cache
 from click.testing import CliRunner
 
-from cache_fixtures import synthetic_cache
 from cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import pretrain_through_cli
 
 from pipeline.backbones import vit
 from pipeline.config import BackboneConfig, DataConfig, ExtractConfig, build
@@ -15,7 +16,6 @@ from pipeline.data.generators.images import make_images
 from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.registry import BACKBONES
-from cli_helpers import pretrain_through_cli
 
 CPU = torch.device("cpu")
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # plumbing tests; the quality test uses the demo size
@@ -59,7 +59,7 @@ def test_parameter_names_are_timms():
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_timm_style_state_dict_loads_and_head_is_dropped(tmp_path: Path, fmt: str):
-    from pipeline.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
 
     args = {**vit.DEFAULT_INIT_ARGS, **TINY}
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def test_timm_style_state_dict_loads_and_head_is_dropped(tmp_path: Path, fmt: st
 
 
 def test_wrong_size_is_named_in_the_error(tmp_path: Path):
-    from pipeline.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
 
     path = tmp_path / "v.pt"
     torch.save(vit.VisionTransformer(**{**vit.DEFAULT_INIT_ARGS, **TINY}).state_dict(), path)
@@ -131,8 +131,8 @@ def test_stage_one_checkpoint_layout(tiny: dict):
 
 def test_extract_equals_direct_forward(tiny: dict, tmp_path: Path):
     from cache.reader import open_cache
-    from pipeline.checkpoint import load_verified, read_checkpoint
-    from pipeline.extract import run_extract
+    from pipeline.extract.checkpoint import load_verified, read_checkpoint
+    from pipeline.extract.run import run_extract
 
     options = {"last_k_blocks": 2, "patch_tokens": True}
     layout = layout_for_backbone("vit", path=str(tiny["data"]))
@@ -161,7 +161,7 @@ def test_extract_equals_direct_forward(tiny: dict, tmp_path: Path):
 
 def test_stage_one_learns_the_shapes(tmp_path: Path):
     """Demo-size ViT, 2000 images, 10 epochs: val accuracy far above chance (0.25)."""
-    from pipeline.pretrain import run_pretrain
+    from pipeline.pretrain.run import run_pretrain
 
     data = make_images(out=tmp_path / "shapes.npz", n=2000, seed=0)
     result = run_pretrain(backbone="vit", data=data, out=tmp_path / "vit.ckpt", epochs=10, seed=0, device=CPU,

@@ -8,7 +8,7 @@ import torch
 from cache.schema import LOGIT_FILL
 from pipeline.config import TrainConfig
 from pipeline.heads.weighted_pool import INPUTS, WeightedPoolNet, assignment, pool_hits
-from pipeline.train import FeatureSet, FitResult, fit
+from pipeline.train.fit import FeatureSet, FitResult, fit
 
 Q, D, F, E = 4, 8, 3, 6
 
@@ -186,7 +186,7 @@ def _test_logres68(features: FeatureSet, result: FitResult | None) -> float:
     """res68 of ln(pred / true) over matched test objects; ``result=None``: any constant predictor."""
     import numpy as np
 
-    from pipeline.object_metrics import log_res68
+    from pipeline.results.object_metrics import log_res68
 
     true = features.targets["pt"].index_select(0, features.rows("test")).numpy().reshape(-1)
     ok = ~np.isnan(true)
@@ -231,8 +231,8 @@ def test_weighted_pool_on_the_real_tracks_maskformer_cache(tmp_path) -> None:
     from cache.reader import open_cache
     from cli import main
     from pipeline.data.generators.tracks import generate_tracks
-    from pipeline.pretrain import run_pretrain
-    from pipeline.train import load_features
+    from pipeline.pretrain.run import run_pretrain
+    from pipeline.train.fit import load_features
 
     data = generate_tracks(out=tmp_path / "events.parquet", n=800, seed=3)
     run_pretrain(

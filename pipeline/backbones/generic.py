@@ -9,7 +9,7 @@ Notable features:
   (an element of a tuple output), ``final.track_hit_valid.track_hit_logit`` (the longest prefix
   that names a submodule, then a path into its dict/attribute output); ``""`` or ``.`` is the
   whole model's output;
-- ``backbone.pooling`` pools a tapped (B, T, D) sequence into (B, D) (see pipeline/pooling.py),
+- ``backbone.pooling`` pools a tapped (B, T, D) sequence into (B, D) (see pipeline/blocks.py),
   with ``backbone.options.pool_mask`` naming an input that marks valid steps;
 - output shapes are learned by running the loaded model once on the first samples (``probe``);
   every tap is dense (B, *inner) and float outputs are stored in the configured dtype.
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, DEFAULT_STRIP_PREFIXES, CheckpointRules
+from pipeline.blocks import pool
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
-from pipeline.pooling import pool
 from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -375,9 +375,9 @@ class GenericBackbone:
 
     def probe(self, batch: dict[str, Any], *, device: Any, float_dtype: str) -> None:
         """Learn each tap's per-sample shape and dtype from one batch of the loaded model."""
-        from cache.schema import ArraySpec
-
         import torch
+
+        from cache.schema import ArraySpec
 
         outputs = self.forward_taps(batch, device=device)
         n = len(batch["index"]) if "index" in batch else len(batch[self.input_keys[0]])

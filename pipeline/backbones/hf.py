@@ -1,4 +1,4 @@
-"""A ``class_path`` backbone whose checkpoint is a Hugging Face model folder (see pipeline/hf.py).
+"""A ``class_path`` backbone whose checkpoint is a Hugging Face model folder (see pipeline/extract/hf.py).
 
 A ``transformers`` class is built from the folder's ``config.json`` with no wrapper and no
 ``init_args``; loading mirrors ``from_pretrained``'s own exceptions (prefix, ignored keys), strictly,
@@ -18,7 +18,7 @@ from pipeline.config import BackboneConfig
 
 def build_from_folder(config: BackboneConfig, *, checkpoint: Any, plan: Any, input_keys: list[str] | None = None,
                       config_dir: Path | None = None) -> GenericBackbone:
-    from pipeline import hf
+    from pipeline.extract import hf
 
     search = tuple(d for d in (config_dir, Path.cwd()) if d is not None)
     cls = import_class(str(config.class_path), search_dirs=search)

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from pipeline import pooling
 
+from pipeline import blocks as pooling
 from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
 from pipeline.errors import ConfigError, DataError
-from pipeline.pretrain import PretrainResult, register_pretrainer
+from pipeline.pretrain.run import PretrainResult, register_pretrainer
 from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
 from pipeline.errors import ConfigError, DataError
-from pipeline.pretrain import PretrainResult, register_pretrainer
+from pipeline.pretrain.run import PretrainResult, register_pretrainer
 from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ class TextSource:
 
     def __init__(self, *, config: DataConfig, split_ratios: list[float] | None = None, split_seed: int = 0,
                  tokenizer_dir: Path, model_dir: Path | None = None) -> None:
-        from pipeline.hf import check_tokenizer_dir
+        from pipeline.extract.hf import check_tokenizer_dir
 
         if config.path is None:
             raise DataError("no input data: set data.path or pass --data PATH")
@@ -111,7 +111,7 @@ class TextSource:
 
     def tokenizer(self) -> Any:
         if self._tok is None:
-            from pipeline.hf import load_tokenizer
+            from pipeline.extract.hf import load_tokenizer
 
             self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
@@ -212,7 +212,7 @@ class TextSource:
         return ids
 
     def _resolve_max_length(self, tok: Any) -> int:
-        from pipeline.hf import max_positions
+        from pipeline.extract.hf import max_positions
 
         positions = max_positions(self.model_dir)
         want = self.config.max_length

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pipeline.extract import _torch_dtype
+from pipeline.extract.run import _torch_dtype
 
 
 class ComposedModel(nn.Module):
@@ -36,7 +36,7 @@ class ComposedModel(nn.Module):
     def features(self, batch: dict[str, Any], *, lengths: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The head batch (the batch contract of pipeline/heads/base.py) for one data batch."""
         from cache.ragged import Ragged
-        from pipeline.train import FeatureSet
+        from pipeline.train.fit import FeatureSet
 
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         # a frozen backbone (gradual phase 0, evaluation) needs no graph: as cheap as extraction

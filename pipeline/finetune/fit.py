@@ -6,7 +6,7 @@ Notable features:
   candidate for best-on-val, so a fine-tune never ends worse on val than its probe;
 - a DataLoader over the original data through the readers extract uses (the backbone is in the loop);
 - AdamW with per-group lrs (``strategies.param_groups``), linear warm-up + cosine per phase
-  (``pipeline.train.lr_factor``, applied to each group's own lr), gradient clipping, bf16 autocast on CUDA
+  (``pipeline.train.fit.lr_factor``, applied to each group's own lr), gradient clipping, bf16 autocast on CUDA
   (written, not run here: no GPU was available), early stopping (``patience`` epochs without a better val
   loss ends a phase; in ``gradual`` that unfreezes the next group), best-on-val weights restored at every
   phase end;
@@ -166,7 +166,7 @@ def fit_phases(*, run: Any, config: FinetuneConfig, progress: bool = False,
     import torch
 
     from pipeline.finetune import strategies as S
-    from pipeline.train import cpu_threads
+    from pipeline.train.fit import cpu_threads
 
     t0 = time.perf_counter()
     model, device = run.model, run.model.device
@@ -189,9 +189,9 @@ def _fit_phases(*, run: Any, config: FinetuneConfig, progress: bool, on_step: An
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline import metrics as M
     from pipeline.finetune import strategies as S
-    from pipeline.train import has_batchnorm, lr_factor
+    from pipeline.results import metrics as M
+    from pipeline.train.fit import has_batchnorm, lr_factor
 
     model, task, device = run.model, run.task, run.model.device
     y_all = torch.as_tensor(run.targets())
@@ -291,8 +291,8 @@ def _fit_phases(*, run: Any, config: FinetuneConfig, progress: bool, on_step: An
 
 
 def evaluate(*, run: Any, batch_size: int = 256) -> tuple[dict, dict]:
-    """Metrics and predictions per split (as ``pipeline.train.evaluate`` gives them for a cached head)."""
-    from pipeline import metrics as M
+    """Metrics and predictions per split (as ``pipeline.train.fit.evaluate`` gives them for a cached head)."""
+    from pipeline.results import metrics as M
 
     y = run.targets()
     metrics, preds = {}, {}
@@ -336,7 +336,7 @@ class FinetuneRun:
                 "parent_epoch_s": self.parent_epoch_s}
 
     def summary(self) -> str:
-        from pipeline.metrics import headline
+        from pipeline.results.metrics import headline
 
         lines = [f"run {self.run_id} ({self.strategy} fine-tune of {self.parent_run}, {self.seconds:.1f} s)"]
         for p in self.phases:
@@ -359,9 +359,9 @@ def write_finetune_run(*, run: Any, result: FinetuneResult, runs_dir: Path) -> F
     from safetensors.torch import save_file
 
     from pipeline import __version__
-    from pipeline import results as R
     from pipeline.config import TrainConfig
     from pipeline.finetune.source import BACKBONE_WEIGHTS
+    from pipeline.results import records as R
 
     parent = run.record
     cfg = result.config

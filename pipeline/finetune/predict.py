@@ -91,8 +91,8 @@ def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, dev
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from pipeline import results as R
     from pipeline.config import resolve_device
+    from pipeline.results import records as R
 
     t0 = time.perf_counter()
     if batch_size <= 0:

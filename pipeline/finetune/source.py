@@ -161,7 +161,7 @@ def load_run(*, run_id: str, runs_dir: Path, device: Any, cache_root: Path | Non
     import torch
 
     from pipeline.data import open_data
-    from pipeline.extract import _PROBE_SAMPLES, _autocast, load_frozen_backbone
+    from pipeline.extract.run import _PROBE_SAMPLES, _autocast, load_frozen_backbone
     from pipeline.finetune.composed import ComposedModel
 
     run_dir, record = read_record(run_id=run_id, runs_dir=runs_dir)

@@ -11,7 +11,7 @@ A *family* (``HeadFamily``, registered by name in ``pipeline.registry.HEADS``) s
 A built ``Head`` is anything with ``fit / predict / save / load`` (``Head`` Protocol below). Torch
 heads are plain ``nn.Module``s wrapped by ``TorchHead`` (composition, no base class): a family
 author writes only ``build(*, params, shapes, n_outputs) -> nn.Module`` and registers it with
-``@torch_head(...)``; the shared loop (``pipeline.loop``, via ``pipeline.train.train_module``) trains it. LightGBM
+``@torch_head(...)``; the shared loop (``pipeline.train.loop``, via ``pipeline.train.fit.train_module``) trains it. LightGBM
 (``lightgbm_head.py``) implements the same four methods itself.
 
 Batch contract (what ``module.forward(batch)`` receives; built by ``FeatureSet.batch``):
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # torch stays a lazy import for `ftpipe --help`
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
 # Params every head accepts: they configure the task/loss, not the network (popped by the trainer).
 TASK_PARAMS: dict[str, Any] = {
@@ -101,7 +101,7 @@ class HeadFamily:
     build: HeadBuilder  # (*, params, shapes, task) -> Head; params already merged with defaults
     defaults: Mapping[str, Any] = field(default_factory=dict)  # every network param with its default
     per_object: bool = False  # targets (N, Q) and outputs (B, Q, n_outputs)
-    kind: str = "torch"  # torch (trained by pipeline.loop via train.train_module) | external (fits itself)
+    kind: str = "torch"  # torch (trained by pipeline.train.loop via train.train_module) | external (fits itself)
     # Params the conformance test uses on its tiny synthetic cache (e.g. fewer trees, smaller hidden);
     # the test builds that cache from `inputs(...)`, so a new family is covered when it registers.
     test_params: Mapping[str, Any] = field(default_factory=dict)
@@ -155,7 +155,7 @@ class TorchHead:
 
     def fit(self, *, features: "FeatureSet", target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor",
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
-        from pipeline.train import train_module
+        from pipeline.train.fit import train_module
 
         result = train_module(module=self.module, inputs=self.inputs, task=self.task, features=features,
                               target=target, train_rows=train_rows, val_rows=val_rows, config=config,

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from pipeline.errors import TrainError
 from pipeline.heads.base import HeadFamily, pooled_inputs
-from pipeline.task import Task
 from pipeline.registry import register_head
+from pipeline.task import Task
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
 DEFAULTS: dict[str, Any] = {
     "features": None,  # pooled array(s); default pooled/mean
@@ -124,7 +124,7 @@ class LightGBMHead:
         ytr, ktr = self.labels(features=features, target=target, rows=train_rows)
         yva, kva = self.labels(features=features, target=target, rows=val_rows)
         if hasattr(features, "lgb_sequence"):
-            # a cache over the memory budget: LightGBM reads the rows batch by batch (pipeline/streaming.py)
+            # a cache over the memory budget: LightGBM reads the rows batch by batch (pipeline/train/streaming.py)
             kept = train_rows[torch.from_numpy(ktr).to(train_rows.device)]
             xtr_kept: Any = features.lgb_sequence(self.inputs, kept)
             n_cells = len(xtr_kept) * sum(int(np.prod(s)) for s in features.shapes(self.inputs).values())

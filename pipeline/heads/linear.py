@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
 C_GRID = tuple(10.0 ** (e / 2) for e in range(-12, 9))  # 1e-6 ... 1e4, half decades (strong -> weak)
 ALPHA_GRID = tuple(10.0 ** (e / 2) for e in range(12, -13, -1))  # 1e6 ... 1e-6 (strong -> weak)
@@ -413,7 +413,7 @@ register_head("linear")(HeadFamily(
 
 @torch_head("linear-sgd", defaults={"features": None})
 def build_linear_sgd(*, params: dict, shapes: dict, n_outputs: int) -> Any:
-    """One Linear layer trained by the SGD loop (``pipeline.loop``): logits or standardised values."""
+    """One Linear layer trained by the SGD loop (``pipeline.train.loop``): logits or standardised values."""
     import torch.nn as nn
 
     return pooled_net(inputs=list(shapes), net=nn.Linear(pooled_dim(shapes), n_outputs))

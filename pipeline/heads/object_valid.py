@@ -22,7 +22,7 @@ from pipeline.heads.base import torch_head
 from pipeline.heads.weighted_pool import regression_mlp
 
 if TYPE_CHECKING:
-    from pipeline.train import FeatureSet
+    from pipeline.train.fit import FeatureSet
 
 
 class ObjectValidNet(nn.Module):
@@ -122,7 +122,7 @@ def backbone_valid_metrics(
 ) -> dict[str, float]:
     """The backbone's own existence logit scored like the head (AUROC, efficiency, purity at p = 0.5)
     on ``rows``; ``features`` must hold ``objects/valid_logit``."""
-    from pipeline.object_metrics import valid_metrics
+    from pipeline.results.object_metrics import valid_metrics
 
     if logit not in features.arrays:
         raise TrainError(f"{logit!r} is not loaded; load it with the head's inputs to compare")

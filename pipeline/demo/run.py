@@ -133,8 +133,8 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     from pipeline import config as cfg
     from pipeline.data import generate
     from pipeline.data.layouts import layout_for_backbone
-    from pipeline.extract import run_extract
-    from pipeline.pretrain import run_pretrain
+    from pipeline.extract.run import run_extract
+    from pipeline.pretrain.run import run_pretrain
 
     fam = FAMILIES[name]
     work = workdir / name
@@ -179,7 +179,7 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
                         "n_samples": first.n_samples, "seconds": first.seconds, "reused_first": first.reused}
 
     # 4-5. phase two: sweeps and leaderboards
-    from pipeline.sweep import SweepSpec, run_sweep
+    from pipeline.train.sweep import SweepSpec, run_sweep
 
     _step(echo, 4, "sweep heads from the cache (each cache loaded once per sweep)")
     run_ids: list[str] = []
@@ -207,7 +207,7 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     summary["sweeps"] = sweeps
 
     _step(echo, 5, "leaderboard (`ftpipe results --runs-dir ...`)")
-    from pipeline.results import format_sections, sections, select
+    from pipeline.results.records import format_sections, sections, select
 
     for demo_sweep in FAMILIES[name].sweeps:
         table = select(runs_dir=runs_dir, sweep_ids=[sweeps[demo_sweep.name]["sweep_id"]])
@@ -221,7 +221,7 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
              f"vs the mean predictor {summary['pt_mean_predictor']:.3f}")
 
     # 6. report
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
 
     _step(echo, 6, "report: HTML page with leaderboard, learning curves, ROC/PR, residuals")
     report = write_report(sweep_id=None, run_ids=run_ids, runs_dir=runs_dir, out=work / "report")
@@ -238,7 +238,7 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     summary["reuse"] = {"reused": again.reused, "key": again.key, "seconds": reuse_seconds}
 
     # 8. speedup
-    from pipeline.speed import measure_backbone_speedup
+    from pipeline.demo.speed import measure_backbone_speedup
 
     _step(echo, 8, "per-epoch time: head from the cache vs the frozen backbone in the loop (measured now)")
     summary["speedup"] = []
@@ -270,7 +270,7 @@ def _mean_predictor_resolution(*, cache_path: Path, target: str) -> float:
     import numpy as np
 
     from cache.reader import open_cache
-    from pipeline.metrics import regression_metrics
+    from pipeline.results.metrics import regression_metrics
 
     reader = open_cache(cache_path)
     y = np.asarray(reader.load_numpy(f"targets/{target}"), dtype=np.float64)
@@ -289,8 +289,8 @@ def _finetune_export_predict(*, fam: DemoFamily, sweeps: dict[str, Any], runs_di
     from pipeline.finetune.export import export_run
     from pipeline.finetune.fit import FinetuneConfig, run_finetune
     from pipeline.finetune.predict import run_predict
-    from pipeline.results import leaderboard
     from pipeline.registry import HEADS
+    from pipeline.results.records import leaderboard
 
     cfg = FinetuneConfig(**{**fam.finetune, "device": device.type})
     echo(f"\n[+] phase three: {cfg.strategy} fine-tune of the {fam.backbone} from the best cached head, export, "

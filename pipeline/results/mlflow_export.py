@@ -65,7 +65,7 @@ def log_runs(*, table: Any, runs_dir: Path, uri: str, experiment: str = "ftpipe"
     import pyarrow.parquet as pq
     from mlflow.entities import Metric, Param
 
-    from pipeline.results import _is_metric, _prepare, hyperparameters
+    from pipeline.results.records import _is_metric, _prepare, hyperparameters
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)

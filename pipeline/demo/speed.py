@@ -2,7 +2,7 @@
 
 - ``measure_head_speedup``: the old way (a frozen transformer backbone run under no_grad on every
   batch, fed by a DataLoader, then the head's train step) vs the cached way (the backbone's pooled
-  output computed once, the same head trained by ``pipeline.train.fit_module`` from index-sliced
+  output computed once, the same head trained by ``pipeline.train.fit.fit_module`` from index-sliced
   tensors). Same data, same head, same batch size.
 - ``measure_trainer_overhead``: ``fit_module`` vs a bare index-sliced torch loop (AdamW + loss +
   one validation forward per epoch) over the same tensors.
@@ -91,7 +91,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 
     from pipeline.config import TrainConfig
     from pipeline.task import Task
-    from pipeline.train import FeatureSet, build_head, fit_module
+    from pipeline.train.fit import FeatureSet, build_head, fit_module
 
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
@@ -148,7 +148,7 @@ def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str 
 
     from pipeline.config import TrainConfig
     from pipeline.task import Task
-    from pipeline.train import FeatureSet, _cpu_threads, build_head, fit_module
+    from pipeline.train.fit import FeatureSet, _cpu_threads, build_head, fit_module
 
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
@@ -209,8 +209,8 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     from cache.reader import open_cache
     from pipeline.config import TrainConfig
     from pipeline.data import open_data
-    from pipeline.extract import load_frozen_backbone
-    from pipeline.train import FeatureSet, fit, head_inputs, load_features
+    from pipeline.extract.run import load_frozen_backbone
+    from pipeline.train.fit import FeatureSet, fit, head_inputs, load_features
 
     train_cfg = TrainConfig(arch=head["arch"], target=head["target"], task=head.get("task"),
                             params=dict(head.get("params", {})), batch_size=int(head.get("batch_size", 256)),

@@ -60,8 +60,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_folder(path: Path) -> Any:
-    """A Hugging Face model folder -> ``pipeline.checkpoint.Checkpoint`` (hyper_parameters = config.json)."""
-    from pipeline.checkpoint import Checkpoint, _read_safetensors, _read_torch
+    """A Hugging Face model folder -> ``pipeline.extract.checkpoint.Checkpoint`` (hyper_parameters = config.json)."""
+    from pipeline.extract.checkpoint import Checkpoint, _read_safetensors, _read_torch
 
     path = Path(path)
     weights = [n for n in WEIGHT_FILES if (path / n).is_file()]

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import stats as S
 from pipeline.errors import FtpipeError
-from pipeline.metrics import higher_is_better
+from pipeline.results import stats as S
+from pipeline.results.metrics import higher_is_better
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ POINT_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1")  # in 
 def resolve(*, runs_dir: Path, ref: str) -> list[dict[str, Any]]:
     """Results rows of ``ref``: a run id, a unique run-id prefix, a prefix shared only by the seeds of one
     configuration (``mlp2_lr0.01``), or a config_id prefix (all its seeds)."""
-    from pipeline.results import read_results
+    from pipeline.results.records import read_results
 
     rows = read_results(runs_dir=runs_dir)
     if not rows:
@@ -187,7 +187,7 @@ def align(ref: Scored, other: Scored, *, split: str) -> np.ndarray:
 
 def to_stats(s: Scored, perm: np.ndarray | None = None) -> S.Predictions:
     """``stats.Predictions`` with entries in the reference order (``perm``). The resampling units are the
-    samples with at least one scored entry (a known label; a finite target), as pipeline.metrics scores them."""
+    samples with at least one scored entry (a known label; a finite target), as pipeline.results.metrics scores them."""
     keys = s.keys if perm is None else s.keys[perm]
     target = s.target if perm is None else s.target[perm]
     output = s.output if perm is None else s.output[perm]
@@ -426,7 +426,7 @@ def _group_rows(by_id: dict[str, dict[str, Any]], g: dict[str, Any]) -> list[dic
 
 
 def _rows_by_id(runs_dir: Path) -> dict[str, dict[str, Any]]:
-    from pipeline.results import read_results
+    from pipeline.results.records import read_results
 
     return {r["run_id"]: r for r in read_results(runs_dir=runs_dir)}
 
@@ -518,7 +518,7 @@ def format_stats_table(rows: Sequence[dict[str, Any]], *, split: str = "test", m
                           "yes" if r.get("vs_resolved") else "no"]
         cells.append(str(r.get("config_id"))[:8])
         lines.append(cells)
-    from pipeline.table import format_table  # the one text-table printer (results, sweeps, cache ls)
+    from pipeline.results.table import format_table  # the one text-table printer (results, sweeps, cache ls)
 
     return format_table(header, lines)
 

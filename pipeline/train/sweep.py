@@ -10,7 +10,7 @@ Notable features:
   (their results row exists) and skips them, which is how an interrupted sweep resumes.
 - Each cache is read once into a ``FeatureSet`` holding the union of the arrays the heads need; all
   heads train from it in this process. Same-shaped torch heads (same arch and network params, same
-  loop options; lr, weight decay and seed may differ) can be trained stacked (``pipeline.stacked``);
+  loop options; lr, weight decay and seed may differ) can be trained stacked (``pipeline.train.stacked``);
   ``strategy=auto`` measures a few steps of both ways per group and takes the faster.
 - The sweep writes its own record ``runs/sweeps/<sweep_id>.json`` (spec, caches, run ids, the strategy
   chosen per group with what was measured, timings), rewritten after every run so an interrupted
@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pipeline import config as cfg
 from pipeline.errors import ConfigError, FtpipeError
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "stacked", "in-turn")
@@ -138,7 +139,7 @@ class Trial:
     def run_id(self, cache_key: str) -> str:
         """``<label>_seed<s>-<config id>``: stable across reruns; the suffix is the trainer's ``config_id``
         (config without seed and device, plus the cache key), so every seed of a configuration shares it."""
-        from pipeline.train import config_id
+        from pipeline.train.fit import config_id
 
         return f"{self.label}_seed{self.config.seed}-{config_id(config=self.config, cache_key=cache_key)[:8]}"
 
@@ -359,7 +360,7 @@ class SweepResult:
                 label = g.get("label") or str(g.get("arch"))
                 table.append([str(g["rank"]), label, str(g.get("cache_key"))[:8], str(g.get("n_runs")), cell(metric),
                               cell(test)])
-            from pipeline.table import format_table
+            from pipeline.results.table import format_table
 
             lines.append(format_table(table[0], table[1:]))
             if len(self.leaderboard) > top:
@@ -379,7 +380,7 @@ def sweep_leaderboard(*, runs_dir: Path, run_ids: Sequence[str], sort: str | Non
     import shutil
     import tempfile
 
-    from pipeline.results import RESULTS_SUBDIR, leaderboard
+    from pipeline.results.records import RESULTS_SUBDIR, leaderboard
 
     src = Path(runs_dir) / RESULTS_SUBDIR
     with tempfile.TemporaryDirectory(prefix="ftpipe-board-") as tmp:
@@ -465,9 +466,9 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
     the part's record is ``runs/sweeps/<sweep_id>.shard-<i>-of-<n>.json``.
     """
     from cache.reader import open_cache
-    from pipeline import results as R
-    from pipeline import train as T
     from pipeline.preflight import ensure_writable_dir
+    from pipeline.results import records as R
+    from pipeline.train import fit as T
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
@@ -531,7 +532,7 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
     log.info("sweep %s: %d trials x %d cache(s); %d to train, %d already recorded; device %s", sweep_id,
              len(trials), len(plans), n_todo, len(record["skipped"]), device)
 
-    from pipeline.train import convergence_warning
+    from pipeline.train.fit import convergence_warning
 
     infos: dict[str, dict[str, Any]] = {}
 
@@ -576,7 +577,7 @@ def run_sweep(*, cache_refs: Sequence[str], cache_root: Path | None, spec: Sweep
 
 def _show_metric(bar: Any, run: Any) -> None:
     """The finished run's ranking metric on the sweep's progress bar (``mlp2 val_auroc 0.912``)."""
-    from pipeline.results import default_metric
+    from pipeline.results.records import default_metric
 
     row = {f"{split}_{k}": float(v) for split, ms in run.metrics.items() for k, v in ms.items()
            if isinstance(v, (int, float))}
@@ -592,8 +593,8 @@ def _now() -> str:
 def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, strategy: str, sweep_id: str,
                record: dict[str, Any], on_recorded: Callable[[Any], None], progress: bool = False) -> None:
     """Load one cache once (the union of what its heads read) and train its pending trials."""
-    from pipeline import train as T
     from pipeline.registry import HEADS
+    from pipeline.train import fit as T
 
     available = tuple(s.name for s in plan.reader.arrays())
     arrays: list[str] = []
@@ -614,7 +615,7 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
         if c["key"] == plan.key:
             c.update(load_seconds=load_seconds, arrays=arrays + [f"targets/{t}" for t in targets])
 
-    from pipeline import results as R
+    from pipeline.results import records as R
 
     claims: dict[str, Any] = {}
     deferred: list[tuple[Trial, str]] = []
@@ -706,7 +707,7 @@ def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, 
                   on_recorded: Callable[[Any], None], progress: bool = False) -> None:
     import shutil
 
-    from pipeline import train as T
+    from pipeline.train import fit as T
 
     for members in groups.values():
         for _, rid in members:
@@ -755,8 +756,8 @@ def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, 
 
 def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tuple[str | None, Any]:
     """Why these configs cannot be stacked (None if they can), and the resolved task when they can."""
-    from pipeline import train as T
     from pipeline.registry import HEADS
+    from pipeline.train import fit as T
 
     family = HEADS.get(configs[0].arch)
     if len(configs) < 2 and family.kind == "torch":
@@ -765,7 +766,7 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
         # e.g. `linear`: one full-batch L-BFGS solve per L2 strength, no SGD steps for vmap to batch
         return f"{family.name} fits itself ({'full-batch L-BFGS / closed form' if family.name == 'linear' else 'not by SGD steps'}), not by the SGD loop", None
     if getattr(features, "streamed", False):
-        # K independent orders would read every block K times per epoch (pipeline/streaming.py)
+        # K independent orders would read every block K times per epoch (pipeline/train/streaming.py)
         return "the cache is streamed (over the memory budget)", None
     target = T.resolve_target(config=configs[0], available=[f"targets/{t}" for t in features.targets])
     train_rows = features.rows("train")
@@ -790,10 +791,9 @@ def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
         return "in-turn", {}, f"cannot stack: {problem}"
     if strategy == "stacked":
         return "stacked", {}, "asked for"
-    from pipeline import stacked as S
-    from pipeline import train as T
-
-    from pipeline.loop import budget_for
+    from pipeline.train import fit as T
+    from pipeline.train import stacked as S
+    from pipeline.train.loop import budget_for
 
     c0 = configs[0]
     n_train = int(features.rows("train").numel())
@@ -826,17 +826,17 @@ def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
 
 
 def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> list[Any]:
-    """Train same-shaped torch heads together (``pipeline.stacked``); one ``train.FitResult`` per config.
+    """Train same-shaped torch heads together (``pipeline.train.stacked``); one ``train.FitResult`` per config.
 
     Each head is built exactly as ``train.fit`` builds it (same seed, so the same initial weights),
-    trained by ``pipeline.loop.run_loop`` with the stacked step (the loop ``train.fit`` runs), then evaluated and returned like
+    trained by ``pipeline.train.loop.run_loop`` with the stacked step (the loop ``train.fit`` runs), then evaluated and returned like
     an in-turn fit, so records cannot tell the two apart except by the sweep record's strategy.
     """
     import torch
 
-    from pipeline import stacked as S
-    from pipeline import train as T
-    from pipeline.loop import Optim
+    from pipeline.train import fit as T
+    from pipeline.train import stacked as S
+    from pipeline.train.loop import Optim
 
     t0 = time.perf_counter()
     problem, task = _stack_problem(configs=configs, features=features)
@@ -855,7 +855,7 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
     data, options, budget = T.loop_parts(task=task, features=features, target=target, inputs=inputs,
                                          train_rows=train_rows, val_rows=val_rows, config=c0,
                                          module=heads[0].module, stacked=True)
-    torch.manual_seed(c0.seed)  # dropout masks (drawn per member from one stream; see pipeline.stacked)
+    torch.manual_seed(c0.seed)  # dropout masks (drawn per member from one stream; see pipeline.train.stacked)
     # The trainer's CPU thread policy, sized for the whole stack (K heads' work per step).
     with T._cpu_threads(module=heads[0].module, batch_size=options.batch_size * len(heads), device=features.device):
         results = S.fit_stacked(

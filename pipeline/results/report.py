@@ -68,7 +68,7 @@ def _load_runs(*, runs_dir: Path, rows: Sequence[dict[str, Any]]) -> list[RunVie
     """A view per results row whose run folder has its ``config.yaml`` (others are named in one warning)."""
     import yaml
 
-    from pipeline.results import RESULTS_SUBDIR
+    from pipeline.results.records import RESULTS_SUBDIR
 
     views = []
     missing = []
@@ -177,7 +177,7 @@ def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path, *, varying
     """One figure per setting that varies: the metric of every run against it, one colour and line per
     combination of head and the *other* varying settings, so a trend is never an average over them
     (the mean is over seeds only)."""
-    from pipeline.results import hyperparameters
+    from pipeline.results.records import hyperparameters
 
     figures = []
     hypers = {r.run_id: hyperparameters(r.row) for r in runs}
@@ -496,7 +496,7 @@ document.querySelectorAll('table.sortable').forEach(function(table){
 
 def _problem_sections(*, section: Any, runs: list[RunView], out: Path, prefix: str, heading: str) -> list[str]:
     """Leaderboard, figures and the run table of one problem (a ``results.Section`` over (target, task))."""
-    from pipeline.results import hyperparameters, section_table
+    from pipeline.results.records import hyperparameters, section_table
 
     board = section.rows
     metric = section.metric
@@ -533,7 +533,9 @@ def _problem_sections(*, section: Any, runs: list[RunView], out: Path, prefix: s
     if fig:
         sections.append(_img(fig, f"{metric} per configuration, mean ± std over seeds"
                                   + ("; colour = cache" if several_caches else "")))
-    from pipeline.report_stats import stats_sections  # intervals and comparisons with the best (issue 18)
+    from pipeline.results.report_stats import (
+        stats_sections,  # intervals and comparisons with the best (issue 18)
+    )
 
     runs_dir = runs[0].run_dir.parent if runs else out
     base = metric.split("_", 1)[1] if metric and metric.split("_", 1)[0] in ("train", "val", "test") else metric
@@ -592,8 +594,8 @@ def write_report(*, runs_dir: Path, out: Path, sweep_ids: Sequence[str] = (), ru
                  cache_key: str | None = None, targets: Sequence[str] = (), sweep_id: str | None = None) -> Path:
     """Write ``out/index.html`` + ``out/figures/*.png`` over every run in ``runs_dir``, or the runs of the given
     sweeps and runs (ids or prefixes), narrowed to a cache and targets; return the HTML path."""
-    from pipeline.results import sections as make_sections
-    from pipeline.results import select
+    from pipeline.results.records import sections as make_sections
+    from pipeline.results.records import select
 
     runs_dir, out = Path(runs_dir), Path(out)
     sweeps = list(sweep_ids) + ([sweep_id] if sweep_id else [])
@@ -609,7 +611,7 @@ def write_report(*, runs_dir: Path, out: Path, sweep_ids: Sequence[str] = (), ru
     problems = make_sections(table=table, by_cache=False)
     several_problems = len(problems) > 1
     if sweeps:
-        from pipeline.results import known_sweeps, read_table, resolve_prefixes
+        from pipeline.results.records import known_sweeps, read_table, resolve_prefixes
 
         sweeps = resolve_prefixes(sweeps, known_sweeps(runs_dir=runs_dir, table=read_table(runs_dir=runs_dir)),
                                   what="sweep", where=runs_dir / "sweeps")

@@ -3,7 +3,7 @@
 Notable features:
 - formats: Lightning ``.ckpt`` (``state_dict`` + ``hyper_parameters``), plain state dicts
   (``.pt``/``.pth``, also wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``), safetensors,
-  TorchScript archives (their ``state_dict()``), Hugging Face model folders (pipeline/hf.py);
+  TorchScript archives (their ``state_dict()``), Hugging Face model folders (pipeline/extract/hf.py);
 - ``torch.load(weights_only=True)`` unless the user trusts the file; the error says when
   ``--trust-checkpoint`` is needed and tells a pickled object apart from a truncated file;
 - key mapping replaces only the *leading* prefix (``model.``, ``module.``, ``_orig_mod.``,
@@ -73,8 +73,8 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():  # a Hugging Face model folder (config.json + weights); see pipeline/hf.py
-        from pipeline.hf import read_folder
+    if path.is_dir():  # a Hugging Face model folder (config.json + weights); see pipeline/extract/hf.py
+        from pipeline.extract.hf import read_folder
 
         return read_folder(path)
     if path.stat().st_size == 0:

@@ -6,7 +6,7 @@ improvement, restored at the end), the history rows, the ``converged`` verdict a
 What it does not own is plugged in as a ``Step``:
 
 - ``SingleStep`` (here): one ``nn.Module``, stock ``torch.optim.AdamW`` + ``LambdaLR``, ``clip_grad_norm_``;
-- ``pipeline.stacked.StackedStep``: K same-shaped modules as one ``vmap``-ed model, per-member AdamW;
+- ``pipeline.train.stacked.StackedStep``: K same-shaped modules as one ``vmap``-ed model, per-member AdamW;
 - a fine-tune step (backbone in the loop, batches from a ``DataLoader``) can plug in the same way: a
   ``Step`` draws its own batches, so the loop never sees rows, tensors or loaders.
 
@@ -198,7 +198,7 @@ class StepData:
     metrics_fn: MetricsFn | None = None  # extra val_* columns per evaluation
     eval_batch_size: int = 4096
     # (rows, generator) -> one epoch's order of rows; None = a uniform permutation. A streamed cache
-    # (pipeline/streaming.py) orders block by block so every block is read once per epoch.
+    # (pipeline/train/streaming.py) orders block by block so every block is read once per epoch.
     epoch_order: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None
 
 

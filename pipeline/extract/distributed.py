@@ -21,8 +21,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError

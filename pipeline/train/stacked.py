@@ -11,8 +11,8 @@ Notable features:
 - Per-member gradient clipping (each member's own global norm), per-member batch order (member i
   shuffles with its own seed, so it sees the batches it would see alone), per-member early
   stopping and best-on-selection weights.
-- ``StackedStep`` is a ``pipeline.loop.Step``: the loop itself (budget, evaluation, per-member early
-  stopping, best-on-val weights, history) is ``pipeline.loop.run_loop``, the same code that runs
+- ``StackedStep`` is a ``pipeline.train.loop.Step``: the loop itself (budget, evaluation, per-member early
+  stopping, best-on-val weights, history) is ``pipeline.train.loop.run_loop``, the same code that runs
   ``train-head`` with ``loop.SingleStep``; tests hold the two steps equal through that one loop.
 
 Why not always stack: on 2 CPU cores, vmap of 8 MLPs is slower than 8 in turn at large batches
@@ -37,7 +37,16 @@ from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
-from pipeline.loop import Budget, LoopResult, Optim, RowBatches, StepData, StepOptions, autocast, run_loop
+from pipeline.train.loop import (
+    Budget,
+    LoopResult,
+    Optim,
+    RowBatches,
+    StepData,
+    StepOptions,
+    autocast,
+    run_loop,
+)
 
 Member = Optim  # one stacked model's own hyperparameters (lr, weight decay, batch-order seed)
 
@@ -119,7 +128,7 @@ def clip_stacked_(grads: Sequence[torch.Tensor], *, max_norm: float) -> torch.Te
 
 
 class StackedStep:
-    """K same-shaped modules trained as one ``vmap``-ed model: a ``pipeline.loop.Step`` with ``k = K``.
+    """K same-shaped modules trained as one ``vmap``-ed model: a ``pipeline.train.loop.Step`` with ``k = K``.
 
     ``data.loss_fn`` must be vmappable (no boolean indexing: use the trainer's unmasked loss and stack
     only when no train target is missing); ``data.val_loss_fn`` is called per member outside vmap, so it
@@ -186,7 +195,7 @@ class StackedStep:
 
 def fit_stacked(*, modules: Sequence[nn.Module], optims: Sequence[Optim], data: StepData, options: StepOptions,
                 budget: Budget, device: torch.device, progress: bool = False) -> list[LoopResult]:
-    """Train ``modules`` together through ``pipeline.loop.run_loop``; member i's result equals that loop
+    """Train ``modules`` together through ``pipeline.train.loop.run_loop``; member i's result equals that loop
     run with ``SingleStep`` on ``modules[i]`` (to rounding). Each result's ``state_dict`` holds the
     member's best-on-val weights and buffers."""
     step = StackedStep(modules=modules, optims=optims, data=data, options=options, device=device)

@@ -1,5 +1,5 @@
 """The report's uncertainty section: test-metric intervals per configuration and every configuration
-against the best one (pipeline.compare), as one figure and one table.
+against the best one (pipeline.results.compare), as one figure and one table.
 
 Notable features:
 - The figure draws each configuration's test metric with its percentile bootstrap interval (thick bar,
@@ -27,8 +27,8 @@ def stats_sections(*, board: Sequence[dict[str, Any]], runs_dir: Path, out: Path
                    split: str = "test", n_boot: int = 1000, seed: int = 0, level: float = 0.95,
                    metric: str | None = None) -> list[str]:
     """HTML parts (heading, figure, table) for ``board`` (a leaderboard, best first); [] when nothing to show."""
-    from pipeline import compare as C
     from pipeline.errors import FtpipeError
+    from pipeline.results import compare as C
 
     board = list(board)[:MAX_CONFIGS]
     metric = C._board_metric(board, metric)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from pipeline.errors import TrainError
-from pipeline.train import FeatureSet
+from pipeline.train.fit import FeatureSet
 
 if TYPE_CHECKING:
     import torch

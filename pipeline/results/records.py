@@ -6,7 +6,7 @@ never lose or half-write a row and no lock is needed. ``leaderboard`` groups run
 (everything but the seed) and reports each metric's mean and standard deviation over seeds; ``sections``
 does the same per problem (cache, target, task) with the ranking metric the task calls for. Selection,
 grouping and aggregation are pyarrow (``Table.filter``, ``Table.group_by().aggregate``); printing is
-``pipeline.table``, shared with every other listing.
+``pipeline.results.table``, shared with every other listing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from pipeline.errors import FtpipeError
-from pipeline.metrics import higher_is_better
+from pipeline.results.metrics import higher_is_better
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
@@ -603,7 +603,7 @@ def section_table(section: Section) -> tuple[list[str], list[list[Any]]]:
         line: list[Any] = [r["rank"], arch] + [h.get(k) for k in section.varying] + [r.get("n_runs")]
         for m in metrics:
             v, s = r.get(m), r.get(f"{m}_std")
-            from pipeline.table import cell
+            from pipeline.results.table import cell
 
             line.append(cell(v) + (f" ± {s:.2g}" if (r.get("n_runs") or 1) > 1 and s is not None else ""))
         line.append(str(r.get("config_id"))[:8])
@@ -614,7 +614,7 @@ def section_table(section: Section) -> tuple[list[str], list[list[Any]]]:
 def format_sections(secs: Sequence[Section], *, fmt: str = "table", where: Path | None = None) -> str:
     """``table``: one titled table per section; ``csv``: every configuration row, all columns; ``json``: one
     object ``{"runs_dir", "sections": [...]}`` with params as nested JSON."""
-    from pipeline.table import format_table
+    from pipeline.results.table import format_table
 
     if fmt == "json":
         return json.dumps({"runs_dir": str(where) if where else None, "sections": [s.to_dict() for s in secs]},
@@ -638,7 +638,7 @@ def format_sections(secs: Sequence[Section], *, fmt: str = "table", where: Path 
 
 def format_leaderboard(rows: list[dict[str, Any]], *, fmt: str = "table") -> str:
     """A flat leaderboard (``leaderboard()``'s rows) as ``table``, ``csv`` or ``json``."""
-    from pipeline.table import format_table
+    from pipeline.results.table import format_table
 
     if fmt == "json":
         return json.dumps(rows, default=str)

@@ -8,7 +8,7 @@ Notable features:
   (bfloat16) on CUDA only, early stopping and best-weight selection on ``select_split`` (val),
   deterministic given the seed;
 - targets: NaN = missing/unmatched, masked out of loss and metrics; NaN in features is an error;
-- every run writes ``runs/<run_id>/`` and one results row (``pipeline.results``).
+- every run writes ``runs/<run_id>/`` and one results row (``pipeline.results.records``).
 
 Layers (a sweep uses the lower ones directly):
 ``run_train_head`` = ``open_cache`` -> ``load_features`` -> ``fit`` -> ``write_run``;
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.config import TrainConfig, resolve_device, to_dict
 from pipeline.errors import ConfigError, TrainError
-from pipeline.loop import MIN_LR_FACTOR, lr_factor  # noqa: F401  (public here since before pipeline.loop)
+from pipeline.train.loop import MIN_LR_FACTOR, lr_factor  # noqa: F401  (public here since before pipeline.train.loop)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,8 +215,8 @@ def load_features(*, cache: Any, arrays: Iterable[str], targets: Iterable[str], 
     budget = memory_budget_bytes(device=device, budget_gb=memory_budget_gb)
     need = sum(sizes.values())
     if need > budget:
-        # over the budget: stream the arrays in blocks instead of refusing (pipeline/streaming.py)
-        from pipeline.streaming import streamed_features
+        # over the budget: stream the arrays in blocks instead of refusing (pipeline/train/streaming.py)
+        from pipeline.train.streaming import streamed_features
 
         detail = ", ".join(f"{n} {s / 1e9:.2f} GB" for n, s in sorted(sizes.items(), key=lambda kv: -kv[1]))
         return streamed_features(cache=cache, arrays=arrays, target_names=target_names, specs=specs, device=device,
@@ -411,8 +411,8 @@ def loop_parts(*, task: "Task", features: FeatureSet, target: str, inputs: tuple
     stacks only when no train target is missing)."""
     import functools
 
-    from pipeline import loop as L
-    from pipeline import metrics as M
+    from pipeline.results import metrics as M
+    from pipeline.train import loop as L
 
     y_all = task.encode(features.targets[target])
     train_masked = (not stacked) and bool((~task.valid(y_all.index_select(0, train_rows))).any())
@@ -439,11 +439,11 @@ def loop_parts(*, task: "Task", features: FeatureSet, target: str, inputs: tuple
 def train_module(*, module: "torch.nn.Module", inputs: tuple[str, ...], task: "Task", features: FeatureSet,
                  target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor", config: TrainConfig,
                  progress: bool = False) -> Any:
-    """Train a torch head in place through ``pipeline.loop.run_loop`` with a ``SingleStep``; the best-on-val
+    """Train a torch head in place through ``pipeline.train.loop.run_loop`` with a ``SingleStep``; the best-on-val
     weights are restored. Returns the ``loop.LoopResult`` (history, converged, steps, budget)."""
     import torch
 
-    from pipeline import loop as L
+    from pipeline.train import loop as L
 
     device = features.device
     module.to(device)
@@ -478,7 +478,7 @@ class FitResult:
     predictions: dict[str, dict[str, "np.ndarray"]]  # split -> {rows, target, prediction}
     seconds: float
     select_split: str
-    # what the head reports about its fit: converged, steps_run, ... (pipeline.loop.LoopResult.info), and
+    # what the head reports about its fit: converged, steps_run, ... (pipeline.train.loop.LoopResult.info), and
     # for the linear probe the chosen L2 strength, its path and refit
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -492,7 +492,7 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
     a small head's training (measured in benchmarks/sweep.py)."""
     import numpy as np
 
-    from pipeline import metrics as M
+    from pipeline.results import metrics as M
 
     light = tuple(light)
     metrics, preds = {}, {}
@@ -591,7 +591,7 @@ class RunResult:
         return convergence_warning(run_ids=[self.run_id], infos=[self.info])
 
     def summary(self) -> str:
-        from pipeline.metrics import headline
+        from pipeline.results.metrics import headline
 
         lines = [f"run {self.run_id} ({self.arch}, {self.task} {self.target}, {self.seconds:.1f} s)"]
         for split in ("train", "val", "test"):
@@ -627,7 +627,7 @@ def write_run(*, fit_result: FitResult, features: FeatureSet, runs_dir: Path, sw
     import yaml
 
     from pipeline import __version__
-    from pipeline import results as R
+    from pipeline.results import records as R
 
     cfg = fit_result.config
     cid = config_id(config=cfg, cache_key=features.cache_key)
@@ -675,7 +675,7 @@ def object_metrics(*, fit_result: FitResult, features: FeatureSet) -> dict[str, 
     import numpy as np
     import torch
 
-    from pipeline.object_metrics import per_object_metrics
+    from pipeline.results.object_metrics import per_object_metrics
 
     target = fit_result.target
     y_train = features.targets[target].index_select(0, features.rows("train")).cpu().numpy()

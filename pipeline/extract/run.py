@@ -6,7 +6,7 @@ Notable features:
 - a ``planned``/``writing`` cache is resumed: only its uncommitted units are run;
   ``force=True`` removes it and starts again;
 - the checkpoint is read, mapped, verified strictly and only then frozen
-  (``pipeline.checkpoint.load_and_freeze``): no head is ever trained on random features;
+  (``pipeline.extract.checkpoint.load_and_freeze``): no head is ever trained on random features;
 - a DataLoader over the pending units' sample ranges only (workers, pinned memory on CUDA,
   prefetch), autocast on CUDA only, a background cache writer so computing and writing overlap,
   and a tqdm bar in samples/s;
@@ -176,7 +176,7 @@ def load_frozen_backbone(*, config: ExtractConfig, checkpoint: Path, plan: Any, 
                          config_dir: Path | None = None) -> tuple[Any, Any, str]:
     """Build the backbone, load + verify the checkpoint, THEN freeze (the order the predecessor scripts got
     wrong), and move it to ``device``. Returns (backbone adapter, load report, checkpoint format)."""
-    from pipeline.checkpoint import load_and_freeze, read_checkpoint
+    from pipeline.extract.checkpoint import load_and_freeze, read_checkpoint
 
     ckpt = read_checkpoint(checkpoint, trust=config.trust_checkpoint)
     config_dir = Path(config_dir) if config_dir is not None else None
@@ -304,7 +304,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     commit records, chunk files and their sizes); damaged units are re-extracted either way.
     ``config_dir``: the YAML's folder, where a ``class_path`` module is also looked for.
     ``unit_rows``: rows per resumable unit (default: the cache layout's choice, ~32 MiB).
-    ``coordinator``: a ``pipeline.distributed.Coordinator`` under torchrun (it replaces ``rank`` and
+    ``coordinator``: a ``pipeline.extract.distributed.Coordinator`` under torchrun (it replaces ``rank`` and
     ``world_size``): rank 0 alone removes (--force), plans the store and snapshots its pending units;
     every rank writes a disjoint share of that one snapshot; rank 0 verifies and completes after a barrier.
     """
@@ -315,8 +315,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     from cache.schema import CacheSchema
     from cache.writer import CacheWriter, create_cache, read_meta
     from pipeline.data import open_data
-
-    from pipeline.distributed import Coordinator, rank_device
+    from pipeline.extract.distributed import Coordinator, rank_device
 
     coord = coordinator if coordinator is not None else Coordinator()
     if coord.distributed:
@@ -327,7 +326,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     if not checkpoint.exists():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
     if checkpoint.is_dir() and not (checkpoint / "config.json").is_file():
-        from pipeline.hf import read_folder
+        from pipeline.extract.hf import read_folder
 
         read_folder(checkpoint)  # says what the folder lacks
     from cache.storage import as_path, check_writable, is_remote

@@ -51,7 +51,7 @@ class Predictions:
 
     ``units``: the resampling unit (sample) of each entry, 0..n_units-1; entries of one sample (objects)
     move together. Classify: ``labels`` class indices, ``proba`` (m, C). Regress: ``y`` / ``pred`` (m, K),
-    NaN targets allowed (skipped per column, as pipeline.metrics does).
+    NaN targets allowed (skipped per column, as pipeline.results.metrics does).
     """
 
     kind: str
@@ -339,7 +339,7 @@ def _classify_scorer(p: Predictions, metric: str) -> Callable[[np.ndarray], np.n
         if n_cls == 2:
             auc = _BinaryAUC(labels == 1, proba[:, 1])
             return lambda counts: auc(p.weights(counts))
-        norm = proba / proba.sum(axis=1, keepdims=True)  # as pipeline.metrics (sklearn requires rows summing to 1)
+        norm = proba / proba.sum(axis=1, keepdims=True)  # as pipeline.results.metrics (sklearn requires rows summing to 1)
         aucs = [_BinaryAUC(labels == k, norm[:, k]) for k in range(n_cls)]
 
         def ovr(counts: np.ndarray) -> np.ndarray:
@@ -365,7 +365,7 @@ def _classify_scorer(p: Predictions, metric: str) -> Callable[[np.ndarray], np.n
             return f[:, 1] if n_cls == 2 else f.mean(axis=1)
         return f1
     if metric == "log_loss":
-        # as pipeline.metrics: sklearn's log_loss of the clipped probabilities (not renormalised)
+        # as pipeline.results.metrics: sklearn's log_loss of the clipped probabilities (not renormalised)
         nll = -np.log(np.clip(proba, 1e-15, 1.0)[np.arange(len(labels)), labels])
         return lambda counts: _safe_div(p.weights(counts) @ nll, p.weights(counts).sum(axis=1))
     if metric == "auprc":
@@ -439,7 +439,7 @@ def _regress_scorer(p: Predictions, metric: str) -> Callable[[np.ndarray], np.nd
             return vals[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(vals, axis=0)  # as pipeline.metrics: mean over target columns
+            return np.nanmean(vals, axis=0)  # as pipeline.results.metrics: mean over target columns
     return score
 
 
@@ -466,7 +466,7 @@ def _regress_column(y: np.ndarray, pred: np.ndarray, keep: np.ndarray, metric: s
         if metric == "logres68":
             finite = np.isfinite(y) & (y != 0)
             if (y[finite] < 0).any():
-                return lambda w: np.full(w.shape[0], np.nan)  # as pipeline.metrics: positive targets only
+                return lambda w: np.full(w.shape[0], np.nan)  # as pipeline.results.metrics: positive targets only
             sel = np.flatnonzero((y > 0) & np.isfinite(y) & np.isfinite(pred))
             r = np.log(np.clip(pred[sel], 1e-12, None)) - np.log(y[sel])
             qs = (16.0, 84.0)

@@ -1,0 +1,1 @@
+"""The built-in demo (run.py) and its side-by-side speed measurement (speed.py)."""
