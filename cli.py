@@ -153,9 +153,9 @@ def extract(checkpoint, backbone, config_path, data, cache_root, batch_size, num
     if data:
         overrides["data"] = {"path": str(Path(data).resolve())}
     if backbone and not config_path:
-        from pipeline.data import default_data_config
+        from pipeline.backbones.base import layout_for_backbone
 
-        overrides["data"] = cfg.merge(default_data_config(backbone=backbone, path=data), overrides.get("data", {}))
+        overrides["data"] = cfg.merge(layout_for_backbone(backbone, path=data), overrides.get("data", {}))
     config = cfg.load(cfg.ExtractConfig, yaml_path=list(config_path) or None, overrides=overrides)
     from pipeline.extract.distributed import from_environment
 

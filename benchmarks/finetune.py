@@ -35,9 +35,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from pipeline import config as cfg
+    from pipeline.backbones.base import layout_for_backbone
     from pipeline.config import TrainConfig, resolve_device
     from pipeline.data import generate
-    from pipeline.data.layouts import layout_for_backbone
     from pipeline.extract.run import run_extract
     from pipeline.finetune.fit import FinetuneConfig, run_finetune
     from pipeline.pretrain.run import run_pretrain

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.backbones.base import layout_for_backbone
 from pipeline.config import DataConfig, build
 from pipeline.data import open_data
 from pipeline.data.generators import icu, images
-from pipeline.data.layouts import layout_for_backbone
 
 
 def _sha(path: Path) -> str:

@@ -27,10 +27,10 @@ def test_cli_sweep_with_a_failed_configuration_exits_1_after_recording_the_rest(
 
 
 def test_parquet_with_a_split_column_refuses_split_ratios(tmp_path: Path):
+    from pipeline.backbones.base import layout_for_backbone
     from pipeline.config import DataConfig
     from pipeline.data import open_data
     from pipeline.data.generators.tracks import generate_tracks
-    from pipeline.data.layouts import layout_for_backbone
     from pipeline.errors import DataError
 
     data = generate_tracks(out=tmp_path / "t.parquet", n=20, seed=0)

@@ -12,11 +12,10 @@ from cli_helpers import pretrain_through_cli
 
 from cache.schema import LOGIT_FILL
 from pipeline.backbones import maskformer as mf
-from pipeline.backbones.base import CheckpointRules
+from pipeline.backbones.base import CheckpointRules, layout_for_backbone
 from pipeline.config import BackboneConfig, DataConfig, build
 from pipeline.data import open_data
 from pipeline.data.generators.tracks import generate_tracks
-from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError
 from pipeline.registry import BACKBONES
 
@@ -40,7 +39,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _backbone(source, *, hparams: dict | None = None, init_args: dict | None = None):
     config = BackboneConfig(name="maskformer", init_args=init_args or {})
-    return BACKBONES.get("maskformer")(config, hparams=hparams or {}, plan=source.plan())
+    return BACKBONES.get("maskformer").build(config, hparams=hparams or {}, plan=source.plan())
 
 
 def test_forward_zero_hits_no_inf_and_batch_independent(tiny: dict):
@@ -147,13 +146,14 @@ def test_stage_one_is_deterministic_by_seed(tiny: dict, tmp_path: Path):
 
 def test_stage_one_learns_assignment(tmp_path: Path):
     """A short stage one on 320 training events finds most particles; an untrained model finds none."""
+    from pipeline.pretrain import maskformer as stage_one
     from pipeline.pretrain.run import run_pretrain
 
     data = generate_tracks(out=tmp_path / "events.parquet", n=400, seed=11)
     source = _source(data)
-    val = mf._split_items(source, "val")
+    val = stage_one._split_items(source, "val")
     untrained = _backbone(source).module
-    before = mf.evaluate(untrained, val, collate=source.collate, device=CPU)
+    before = stage_one.evaluate(untrained, val, collate=source.collate, device=CPU)
     result = run_pretrain(backbone="maskformer", data=data, out=tmp_path / "mf.ckpt", epochs=10, seed=0,
                           device=CPU, progress=False, options={"batch_size": 16})
     after = result["metrics"]

@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.backbones.base import layout_for_backbone
 from pipeline.config import DataConfig, ExtractConfig, build, load
 from pipeline.data import open_data
-from pipeline.data.layouts import LAYOUTS, layout_for_backbone
 from pipeline.data.parquet import ParquetSource
 from pipeline.errors import ConfigError, DataError
+from pipeline.registry import BACKBONES
 
 RNG = np.random.default_rng(0)
 N = 11
@@ -169,10 +170,10 @@ def test_layouts():
     layout = layout_for_backbone("maskformer", path="x.parquet")
     assert layout["path"] == "x.parquet" and layout["format"] == "parquet"
     layout["inputs"].append("mutated")
-    assert "mutated" not in LAYOUTS["maskformer"]["inputs"]  # callers get a copy
+    assert "mutated" not in BACKBONES.get("maskformer").data.layout["inputs"]  # callers get a copy
     with pytest.raises(ConfigError, match="no default data layout"):
         layout_for_backbone("nosuch", path=None)
-    for name in LAYOUTS:
+    for name in (n for n in BACKBONES.names() if BACKBONES.get(n).data is not None):
         build(DataConfig, layout_for_backbone(name, path="x"))  # every layout is a valid DataConfig
 
 

@@ -11,10 +11,10 @@ import torch
 from cli_helpers import pretrain_through_cli
 
 from pipeline.backbones import setvae as sv
+from pipeline.backbones.base import layout_for_backbone
 from pipeline.config import BackboneConfig, DataConfig, ExtractConfig, build
 from pipeline.data import open_data
 from pipeline.data.generators.icu import make_icu
-from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import ConfigError, DataError
 from pipeline.registry import BACKBONES
 
@@ -29,7 +29,7 @@ def _source(path: Path):
 
 def _backbone(source, *, hparams: dict | None = None, init_args: dict | None = None):
     config = BackboneConfig(name="setvae", init_args=init_args or {})
-    return BACKBONES.get("setvae")(config, hparams=hparams or {}, plan=source.plan())
+    return BACKBONES.get("setvae").build(config, hparams=hparams or {}, plan=source.plan())
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,7 @@ def test_extract_equals_direct_forward_and_seq_lines_up_with_sets(tiny: dict, tm
 
 def test_stage_one_learns_the_label_and_reconstruction(tmp_path: Path):
     """Demo-size model, 600 stays, 6 epochs: the auxiliary head ranks val stays well; recon beats untrained."""
+    from pipeline.pretrain import setvae as stage_one
     from pipeline.pretrain.run import run_pretrain
 
     data = make_icu(out=tmp_path / "stays.parquet", n=600, seed=0)
@@ -193,7 +194,7 @@ def test_stage_one_learns_the_label_and_reconstruction(tmp_path: Path):
     val = np.flatnonzero(plan.split == 1)
     columns = sv.SetColumns.from_plan(plan)
     torch.manual_seed(0)
-    untrained = sv.evaluate(sv.SeqSetVAE(**sv.DEFAULT_INIT_ARGS), torch.nn.Linear(64, 2), items, val, source=source,
+    untrained = stage_one.evaluate(sv.SeqSetVAE(**sv.DEFAULT_INIT_ARGS), torch.nn.Linear(64, 2), items, val, source=source,
                             columns=columns, label=plan.targets["label"], device=CPU)
     result = run_pretrain(backbone="setvae", data=data, out=tmp_path / "sv.ckpt", epochs=6, seed=0, device=CPU,
                           progress=False, options={})

@@ -10,10 +10,10 @@ import torch
 from cli_helpers import pretrain_through_cli
 
 from pipeline.backbones import vit
+from pipeline.backbones.base import layout_for_backbone
 from pipeline.config import BackboneConfig, DataConfig, ExtractConfig, build
 from pipeline.data import open_data
 from pipeline.data.generators.images import make_images
-from pipeline.data.layouts import layout_for_backbone
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.registry import BACKBONES
 
@@ -28,7 +28,7 @@ def _source(path: Path):
 
 def _backbone(*, hparams: dict | None = None, init_args: dict | None = None, options: dict | None = None):
     config = BackboneConfig(name="vit", init_args=init_args or {}, options=options or {})
-    return BACKBONES.get("vit")(config, hparams=hparams or {}, plan=None)
+    return BACKBONES.get("vit").build(config, hparams=hparams or {}, plan=None)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_image_size_mismatch_is_caught_before_running(tiny: dict):
     plan = _source(tiny["data"]).plan()
     config = BackboneConfig(name="vit", init_args={**TINY, "img_size": 64})
     with pytest.raises(ConfigError, match=r"\[3, 32, 32\].*\[3, 64, 64\]"):
-        BACKBONES.get("vit")(config, hparams={}, plan=plan)
+        BACKBONES.get("vit").build(config, hparams={}, plan=plan)
 
 
 def test_stage_one_checkpoint_layout(tiny: dict):

@@ -35,11 +35,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, DEFAULT_STRIP_PREFIXES, CheckpointRules
+from pipeline.backbones.base import (
+    DEFAULT_DROP_PATTERNS,
+    DEFAULT_STRIP_PREFIXES,
+    BackboneFamily,
+    CheckpointRules,
+    DefaultData,
+    TinyCase,
+    constructor_names,
+    register_family,
+    resolve_init_args,
+)
 from pipeline.blocks import pool
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
-from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +233,6 @@ def _imported_modules(path: Path, *, mod_name: str | None) -> list[str]:
     return out
 
 
-def resolve_init_args(cls: type, *, hparams: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoint hyper_parameters the constructor accepts, overridden by the config's init_args."""
-    base = hparams.get("init_args") if isinstance(hparams.get("init_args"), dict) else hparams
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        params = {}
-    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    # only the constructor's own names: Lightning hparams also hold lr, batch size, ...
-    out = {k: v for k, v in base.items() if k in named}
-    out.update(overrides)
-    return coerce_init_args(cls, out)
-
-
 @dataclass(frozen=True)
 class Tap:
     array: str  # cache array name, as the user wrote it
@@ -287,6 +282,8 @@ def _follow(value: Any, tap: Tap, *, module_names: list[str]) -> Any:
 
 class GenericBackbone:
     """Backbone protocol implementation for ``class_path`` modules (see pipeline/backbones/base.py)."""
+
+    probe_samples = 2  # samples run once to learn the output shapes (the taps are the user's)
 
     def __init__(self, *, module: Any, config: BackboneConfig, input_keys: list[str], init_args: dict[str, Any]) -> None:
         import torch
@@ -410,19 +407,26 @@ class GenericBackbone:
     def run(self, batch: dict, *, device: Any) -> dict[str, Any]:
         return self.forward_taps(batch, device=device)
 
-    def resolved_config(self) -> dict[str, Any]:
+    def resolved_config(self, config: BackboneConfig) -> dict[str, Any]:
         return {"class_path": self.config.class_path, "init_args": self.init_args, "taps": dict(self.config.taps),
                 "pooling": dict(self.config.pooling)}
 
 
-@register_backbone("generic")
-def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any,
-                  input_keys: list[str] | None = None, config_dir: Path | None = None) -> GenericBackbone:
+def build_generic(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any, input_keys: list[str] | None = None,
+                  config_dir: Path | None = None, checkpoint: Any = None) -> GenericBackbone:
     if not config.class_path:
         raise ConfigError("the generic backbone needs backbone.class_path (your module, e.g. mypkg.models.Net)")
+    if checkpoint is not None and checkpoint.format == "hf-folder":
+        # imported here: pipeline/backbones/hf.py builds on this module (a transformers class, or this function)
+        from pipeline.backbones.hf import build_from_folder
+
+        return build_from_folder(config, checkpoint=checkpoint, plan=plan, input_keys=input_keys, config_dir=config_dir)
     search = tuple(d for d in (config_dir, Path.cwd()) if d is not None)
     cls = import_class(config.class_path, search_dirs=search)
-    init_args = resolve_init_args(cls, hparams=hparams, overrides=dict(config.init_args))
+    # only the constructor's own names: Lightning hparams also hold lr, batch size, ...
+    init_args = coerce_init_args(cls, resolve_init_args(family=f"backbone.class_path {config.class_path!r}",
+                                                        defaults={}, hparams=hparams, overrides=dict(config.init_args),
+                                                        known=constructor_names(cls), strict=False))
     try:
         module = cls(**init_args)
     except Exception as exc:  # any type: a user's constructor (or a strict config dataclass) may raise anything
@@ -463,3 +467,22 @@ def _pad_groups(batch: dict[str, Any], keys: list[str]) -> None:
         if lengths is None or f"{k}/mask" in batch:
             continue
         batch[k], batch[f"{k}/mask"] = Ragged.from_lengths(batch[k], lengths).padded()
+
+
+# ---------------------------------------------------------------- family record
+
+FAMILY = register_family(BackboneFamily(
+    name="generic",
+    build=build_generic,
+    version=None,  # the user's code: its source fingerprint is in the cache key instead (class_source_record)
+    rules=CheckpointRules(),  # plus the config's strip_prefixes, renames and drop_keys (GenericBackbone.rules)
+    data=None,  # a class_path backbone always comes with a config's data section
+    pretrainer=None,
+    finetune_groups=None,  # phase three groups its top-level modules (pipeline/finetune/strategies.py)
+    # a torch class with parameters, on the images generator's arrays: conv (B, 4, 4, 4) = 32x32 in 8x8 patches
+    tiny=TinyCase(n=12, backbone={"class_path": "torch.nn.Conv2d", "taps": {"objects/patches": ""},
+                                  "init_args": {"in_channels": 3, "out_channels": 4, "kernel_size": 8, "stride": 8}},
+                  data=DefaultData(generator="images", file="images.npz", layout={
+                      "format": "arrays", "inputs": ["images"], "targets": ["label"], "split": "split",
+                      "sample_id": "sample_id"})),
+))

@@ -22,7 +22,7 @@ def build_from_folder(config: BackboneConfig, *, checkpoint: Any, plan: Any, inp
 
     search = tuple(d for d in (config_dir, Path.cwd()) if d is not None)
     cls = import_class(str(config.class_path), search_dirs=search)
-    if not hf.is_transformers_class(cls):
+    if not hf.is_transformers_class(cls):  # an ordinary class_path module, its init_args from config.json keys
         return build_generic(config, hparams=checkpoint.hyper_parameters, plan=plan, input_keys=input_keys,
                              config_dir=config_dir)
     init_args = dict(config.init_args)

@@ -18,7 +18,7 @@ Notable features:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,10 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
+from pipeline.backbones.base import (
+    STAGE_ONE_RULES,
+    BackboneFamily,
+    CheckpointRules,
+    DefaultData,
+    TinyCase,
+    builtin_resolved_config,
+    register_family,
+    resolve_init_args,
+)
+from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.pretrain.run import PretrainResult, register_pretrainer
-from pipeline.registry import register_backbone
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +163,6 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def resolve_init_args(*, hparams: dict[str, Any], init_args: dict[str, Any]) -> dict[str, Any]:
-    """defaults < checkpoint hyper_parameters < config init_args; unknown names are an error."""
-    if "init_args" in hparams and isinstance(hparams["init_args"], dict):
-        hparams = hparams["init_args"]  # a whole Lightning hyper_parameters dict was passed
-    args = {**DEFAULT_INIT_ARGS, **{k: v for k, v in hparams.items() if k != "backbone"}, **init_args}
-    unknown = sorted(set(args) - set(DEFAULT_INIT_ARGS))
-    if unknown:
-        raise ConfigError(f"vit: unknown init arg(s) {unknown}; known: {sorted(DEFAULT_INIT_ARGS)}")
-    return args
-
-
 @dataclass
 class VitBackbone:
     """Adapter: builds the ViT, declares its cache arrays, runs it on a batch of images."""
@@ -175,7 +172,14 @@ class VitBackbone:
     last_k_blocks: int = 0
     patch_tokens: bool = False
     image_key: str = "images"
-    rules: CheckpointRules = field(default_factory=lambda: CheckpointRules(drop_patterns=DEFAULT_DROP_PATTERNS + ("head.*",)))
+    rules: CheckpointRules = STAGE_ONE_RULES
+    probe_samples: int = 0  # output shapes follow from init_args
+
+    def probe(self, batch: dict, *, device: Any, float_dtype: str) -> None:
+        pass
+
+    def resolved_config(self, config: BackboneConfig) -> dict[str, Any]:
+        return builtin_resolved_config(config, self.init_args)
 
     @property
     def embed_dim(self) -> int:
@@ -221,9 +225,8 @@ class VitBackbone:
         return out
 
 
-@register_backbone("vit")
-def build_vit(config: Any, *, hparams: dict[str, Any], plan: Any) -> VitBackbone:
-    args = resolve_init_args(hparams=hparams, init_args=dict(config.init_args))
+def build_vit(config: BackboneConfig, *, hparams: dict[str, Any], plan: Any, **_: Any) -> VitBackbone:
+    args = resolve_init_args(family="vit", defaults=DEFAULT_INIT_ARGS, hparams=hparams, overrides=dict(config.init_args))
     options = dict(config.options)
     k = int(options.pop("last_k_blocks", 0) or 0)
     patch_tokens = bool(options.pop("patch_tokens", False))
@@ -257,110 +260,27 @@ def finetune_groups(module: VisionTransformer) -> dict[str, list[str]]:
 
 def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
     """The stage-one model: the backbone plus its ``head`` Linear."""
-    args = resolve_init_args(hparams={}, init_args=init_args)
+    args = resolve_init_args(family="vit", defaults=DEFAULT_INIT_ARGS, hparams={}, overrides=init_args)
     return VisionTransformer(**args)
 
 
+# ---------------------------------------------------------------- family record
 
-# ---------------------------------------------------------------- stage one
-
-TRAIN_KNOBS: dict[str, Any] = {
-    "lr": 1e-3,  # AdamW peak; one-cycle schedule (10% warm-up, cosine decay)
-    "weight_decay": 0.05,
-    "batch_size": 32,  # small batches: more steps per epoch matter more than batch size here
-    "label": "label",  # plan target the head learns (integer classes)
-    "flip": True,  # random horizontal flips (the shapes are left-right symmetric)
-}
-DEFAULT_EPOCHS = 15
-
-
-def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    unknown = sorted(set(options) - set(DEFAULT_INIT_ARGS) - set(TRAIN_KNOBS))
-    if unknown:
-        raise ConfigError(f"vit pretrain: unknown option(s) {unknown}; init args: {sorted(DEFAULT_INIT_ARGS)}, "
-                          f"training: {sorted(TRAIN_KNOBS)}")
-    init = {k: v for k, v in options.items() if k in DEFAULT_INIT_ARGS}
-    knobs = {**TRAIN_KNOBS, **{k: v for k, v in options.items() if k in TRAIN_KNOBS}}
-    return init, knobs
-
-
-@torch.no_grad()
-def accuracy(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        correct += int((model(images[start : start + batch_size]).argmax(-1) == labels[start : start + batch_size]).sum())
-    return correct / max(len(images), 1)
-
-
-@register_pretrainer("vit")
-def pretrain_vit(*, source: Any, epochs: int | None, device: torch.device, seed: int, progress: bool,
-                 options: dict[str, Any]) -> PretrainResult:
-    """Cross-entropy on the labels through ``head`` (train split); accuracy on val."""
-    from tqdm import tqdm
-
-    init, knobs = _split_options(options)
-    plan = source.plan()
-    name = str(knobs["label"])
-    if name not in plan.targets:
-        raise ConfigError(f"vit pretrain: no target {name!r}; the data has {sorted(plan.targets)}; pass --set label=NAME")
-    label = np.asarray(plan.targets[name], dtype=np.float32)
-    known = ~np.isnan(label)
-    n_classes = int(label[known].max()) + 1 if known.any() else 0
-    if n_classes < 2:
-        raise ConfigError(f"vit pretrain: target {name!r} needs at least two classes")
-    args = resolve_init_args(hparams={}, init_args={"num_classes": n_classes, **init})
-    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
-    dataset = source.dataset()
-    key = source.config.inputs[0] if getattr(source, "config", None) is not None else "images"
-    # demo data fits in memory: one collate of every sample, then index slicing (no DataLoader)
-    images = torch.as_tensor(source.collate([dataset[i] for i in range(plan.n_samples)])[key]).float().to(device)
-    targets = torch.from_numpy(np.nan_to_num(label, nan=-1)).long().to(device)
-    split = plan.split
-    train = np.flatnonzero((split == plan.split_names.index("train")) & known)
-    val = np.flatnonzero((split == plan.split_names.index("val")) & known)
-    if not len(train):
-        raise ConfigError("vit pretrain: the data has no labelled train samples")
-
-    with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG state is restored afterwards
-        torch.manual_seed(seed)
-        model = VisionTransformer(**args).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=float(knobs["lr"]), weight_decay=float(knobs["weight_decay"]))
-        bs = int(knobs["batch_size"])
-        steps = max(epochs * -(-len(train) // bs), 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(knobs["lr"]), total_steps=steps, pct_start=0.1)
-        rng = np.random.default_rng(seed)
-        step = 0
-        for epoch in tqdm(range(epochs), desc="vit stage one", disable=not progress):
-            model.train()
-            order = torch.from_numpy(rng.permutation(train)).to(device)
-            total = 0.0
-            for start in range(0, len(order), bs):
-                rows = order[start : start + bs]
-                x = images[rows]
-                if knobs["flip"]:
-                    flip = torch.from_numpy(rng.random(len(rows)) < 0.5).to(device)
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                loss = F.cross_entropy(model(x), targets[rows])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                step += 1
-                total += float(loss.detach()) * len(rows)
-            log.info("vit epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(train))
-        metrics = {"train_accuracy": accuracy(model, images[train], targets[train])}
-        if len(val):
-            metrics["val_accuracy"] = accuracy(model, images[val], targets[val])
-    head_state = {k: v.detach().to("cpu") for k, v in model.head.state_dict().items()}
-    model.head = nn.Identity()  # the backbone is saved without its head; the head goes under model.head.*
-    return PretrainResult(
-        module=model.to("cpu"),
-        head_state=head_state,
-        init_args=args,
-        metrics=metrics,
-        epochs=epochs,
-        global_step=step,
-        extra_hparams={"input": key},
-    )
+FAMILY = register_family(BackboneFamily(
+    name="vit",
+    build=build_vit,
+    version=FAMILY_VERSION,
+    rules=STAGE_ONE_RULES,
+    # images generator (pipeline/data/generators/images.py)
+    data=DefaultData(generator="images", file="images.npz", layout={
+        "format": "arrays",
+        "inputs": ["images"],
+        "targets": ["label"],
+        "split": "split",
+        "sample_id": "sample_id",
+    }),
+    pretrainer="pipeline.pretrain.vit:pretrain_vit",
+    finetune_groups=finetune_groups,
+    tiny=TinyCase(n=12, backbone={"init_args": {"embed_dim": 16, "depth": 2, "num_heads": 2},
+                                  "options": {"last_k_blocks": 2, "patch_tokens": True}}),
+))

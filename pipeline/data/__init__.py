@@ -32,13 +32,6 @@ def open_data(*, config: DataConfig, split_ratios: list[float] | None = None, sp
     return ParquetSource(config=config, split_ratios=split_ratios, split_seed=split_seed)
 
 
-def default_data_config(*, backbone: str, path: str | None) -> dict[str, Any]:
-    """The data section a built-in backbone expects from its generator's files (used with --backbone)."""
-    from pipeline.data.layouts import layout_for_backbone
-
-    return layout_for_backbone(backbone, path=path)
-
-
 def generate(*, kind: str, out: Path, n: int | None, seed: int) -> Path:
     from pipeline.registry import GENERATORS
 

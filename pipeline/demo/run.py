@@ -35,9 +35,7 @@ class DemoSweep:
 
 @dataclass(frozen=True)
 class DemoFamily:
-    generator: str
-    backbone: str
-    data_file: str
+    backbone: str  # its record's DefaultData names the generator and the file
     n: dict[str, int]  # samples per size
     pretrain_epochs: dict[str, int]
     pretrain_options: dict[str, dict[str, Any]]
@@ -55,9 +53,7 @@ POOLED_GRID = [
 
 FAMILIES: dict[str, DemoFamily] = {
     "tracks": DemoFamily(
-        generator="tracks",
         backbone="maskformer",
-        data_file="tracks.parquet",
         # tiny must still give the hit assignment quality the pt circle fit needs (1000 x 10 epochs did not)
         n={"tiny": 1600, "small": 2000},
         pretrain_epochs={"tiny": 12, "small": 12},
@@ -79,9 +75,7 @@ FAMILIES: dict[str, DemoFamily] = {
                      {"arch": "weighted-pool", "target": "pt", "task": "regress", "batch_size": 64}],
     ),
     "icu": DemoFamily(
-        generator="icu",
         backbone="setvae",
-        data_file="icu.parquet",
         n={"tiny": 500, "small": 1200},
         pretrain_epochs={"tiny": 4, "small": 10},
         pretrain_options={"tiny": {}, "small": {}},
@@ -97,9 +91,7 @@ FAMILIES: dict[str, DemoFamily] = {
                      {"arch": "attn-pool", "target": "label", "task": "classify"}],
     ),
     "images": DemoFamily(
-        generator="images",
         backbone="vit",
-        data_file="images.npz",
         # a ViT from scratch needs enough steps: 1200 x 12 epochs stayed at 0.48 val accuracy, 2000 x 10 gave 0.82
         n={"tiny": 2000, "small": 3000},
         pretrain_epochs={"tiny": 10, "small": 15},
@@ -131,12 +123,14 @@ def _step(echo: Echo, n: int, text: str) -> None:
 
 def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo) -> dict[str, Any]:
     from pipeline import config as cfg
+    from pipeline.backbones.base import layout_for_backbone
     from pipeline.data import generate
-    from pipeline.data.layouts import layout_for_backbone
     from pipeline.extract.run import run_extract
     from pipeline.pretrain.run import run_pretrain
+    from pipeline.registry import BACKBONES
 
     fam = FAMILIES[name]
+    data = BACKBONES.get(fam.backbone).data
     work = workdir / name
     work.mkdir(parents=True, exist_ok=True)
     cache_root = workdir / "cache"
@@ -146,12 +140,12 @@ def _run_family(*, workdir: Path, name: str, size: str, device: Any, echo: Echo)
     echo(f"ftpipe demo: family {name} ({fam.backbone} backbone), size {size}, device {device}, workdir {work}")
 
     # 1. data
-    data_path = work / fam.data_file
-    _step(echo, 1, f"make-data {fam.generator} --n {fam.n[size]}")
+    data_path = work / data.file
+    _step(echo, 1, f"make-data {data.generator} --n {fam.n[size]}")
     if data_path.exists():
         echo(f"  reusing {data_path}")
     else:
-        generate(kind=fam.generator, out=data_path, n=fam.n[size], seed=0)
+        generate(kind=data.generator, out=data_path, n=fam.n[size], seed=0)
         echo(f"  wrote {data_path}")
 
     # 2. stage one

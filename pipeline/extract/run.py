@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 # how outputs are cast or pooled): old caches then stop matching instead of being served stale.
 EXTRACTOR_VERSION = 1
 ENGINE_ARRAYS = ("sample_id", "split")  # plus targets/<name>; written from the plan, not the backbone
-_PROBE_SAMPLES = 2  # samples run once to learn the output shapes of class_path backbones
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,8 @@ def key_record(*, config: ExtractConfig, checkpoint_digest: str, data_fingerprin
         "extractor": {"ftpipe": __version__, "extractor_version": EXTRACTOR_VERSION},
         "checkpoint_digest": checkpoint_digest,
         "backbone": to_dict(config.backbone),
-        # a built-in family's code decides the cached bytes too: each family module declares FAMILY_VERSION,
-        # bumped whenever its outputs change (a class_path module's code is the user's: --force after edits)
+        # a built-in family's code decides the cached bytes too: each family record declares its version
+        # (FAMILY_VERSION), bumped whenever its outputs change (a class_path module's code: the "code" entry)
         "family_version": _family_version(config.backbone.name),
         "data": {"fingerprint": data_fingerprint, "config": data},
         "dtype": config.dtype,
@@ -123,12 +122,9 @@ def class_code_record(*, config: ExtractConfig, config_dir: Path | None) -> dict
 def _family_version(name: str | None) -> int | None:
     if not name:
         return None
-    import sys
-
     from pipeline.registry import BACKBONES
 
-    factory = BACKBONES.get(name)
-    return int(getattr(sys.modules[factory.__module__], "FAMILY_VERSION", 1))
+    return BACKBONES.get(name).version
 
 
 def _engine_specs(plan: Any) -> list[Any]:
@@ -160,16 +156,9 @@ def _build_backbone(*, config: ExtractConfig, hparams: dict[str, Any], plan: Any
                     checkpoint: Any = None) -> Any:
     from pipeline.registry import BACKBONES
 
-    if config.backbone.class_path and checkpoint is not None and checkpoint.format == "hf-folder":
-        from pipeline.backbones.hf import build_from_folder
-
-        return build_from_folder(config.backbone, checkpoint=checkpoint, plan=plan,
-                                 input_keys=list(config.data.inputs), config_dir=config_dir)
-    if config.backbone.class_path:
-        factory = BACKBONES.get("generic")
-        return factory(config.backbone, hparams=hparams, plan=plan, input_keys=list(config.data.inputs),
-                       config_dir=config_dir)
-    return BACKBONES.get(str(config.backbone.name))(config.backbone, hparams=hparams, plan=plan)
+    family = BACKBONES.get(config.backbone.name or "generic")  # a class_path module is the generic family's
+    return family.build(config.backbone, hparams=hparams, plan=plan, input_keys=list(config.data.inputs),
+                        config_dir=config_dir, checkpoint=checkpoint)
 
 
 def load_frozen_backbone(*, config: ExtractConfig, checkpoint: Path, plan: Any, device: Any,
@@ -183,11 +172,22 @@ def load_frozen_backbone(*, config: ExtractConfig, checkpoint: Path, plan: Any, 
     backbone = _build_backbone(config=config, hparams=ckpt.hyper_parameters, plan=plan, config_dir=config_dir,
                                checkpoint=ckpt)
     name = config.backbone.name or str(config.backbone.class_path)
-    init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
     report = load_and_freeze(backbone.module, ckpt, rules=backbone.rules, extra_drop=config.backbone.drop_keys,
-                             extra_strip=config.backbone.strip_prefixes, init_args=init_args, name=name)
+                             extra_strip=config.backbone.strip_prefixes, init_args=backbone.init_args, name=name)
     backbone.module.to(device)
     return backbone, report, ckpt.format
+
+
+def probe_backbone(backbone: Any, *, source: Any, dataset: Any, plan: Any, device: Any, dtype: str) -> None:
+    """Show a backbone that learns its output shapes from data (``probe_samples`` > 0: class_path modules) its
+    first samples, run as extraction runs them; before ``output_specs``."""
+    import torch
+
+    n = min(int(backbone.probe_samples), plan.n_samples)
+    if n > 0:
+        batch = source.collate([dataset[i] for i in range(n)])
+        with torch.inference_mode(), _autocast(device, dtype):
+            backbone.probe(batch, device=device, float_dtype=dtype)
 
 
 def _contiguous_runs(units: list[Any]) -> list[tuple[int, int]]:
@@ -308,8 +308,6 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     ``world_size``): rank 0 alone removes (--force), plans the store and snapshots its pending units;
     every rank writes a disjoint share of that one snapshot; rank 0 verifies and completes after a barrier.
     """
-    import torch
-
     from cache.errors import CacheError
     from cache.key import cache_path, checkpoint_digest, make_key
     from cache.schema import CacheSchema
@@ -391,13 +389,9 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     backbone, report, ckpt_fmt = load_frozen_backbone(config=config, checkpoint=checkpoint, plan=plan,
                                                       device=device, config_dir=config_dir)
     name = config.backbone.name or str(config.backbone.class_path)
-    init_args = getattr(backbone, "init_args", None) or dict(config.backbone.init_args)
 
     dataset = source.dataset()
-    if hasattr(backbone, "probe"):  # class_path backbones learn their output shapes from one small batch
-        probe = source.collate([dataset[i] for i in range(min(_PROBE_SAMPLES, plan.n_samples))])
-        with torch.inference_mode(), _autocast(device, config.dtype):
-            backbone.probe(probe, device=device, float_dtype=config.dtype)
+    probe_backbone(backbone, source=source, dataset=dataset, plan=plan, device=device, dtype=config.dtype)
     out_specs = list(backbone.output_specs(plan=plan, float_dtype=config.dtype))
     clash = sorted({s.name for s in out_specs} & ({"sample_id", "split"} | {f"targets/{t}" for t in plan.targets}))
     if clash:
@@ -405,8 +399,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     lengths = {g: np.asarray(v, dtype=np.int64) for g, v in backbone.ragged_lengths(plan=plan).items()}
     schema = CacheSchema(n_samples=plan.n_samples, arrays=tuple(_engine_specs(plan) + out_specs),
                          ragged_lengths=lengths, split_names=tuple(plan.split_names))
-    resolved = (backbone.resolved_config() if hasattr(backbone, "resolved_config")
-                else {**to_dict(config.backbone), "init_args": init_args})
+    resolved = backbone.resolved_config(config.backbone)
     data_cfg = to_dict(config.data)
     data_cfg.pop("path")
     attrs = {

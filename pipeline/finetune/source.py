@@ -158,10 +158,8 @@ def build_head(*, record: dict[str, Any], run_dir: Path, specs: dict[str, Any], 
 def load_run(*, run_id: str, runs_dir: Path, device: Any, cache_root: Path | None = None,
              checkpoint: Path | None = None, data: Path | None = None, purpose: str = "be fine-tuned") -> LoadedRun:
     """Everything ``finetune`` / ``export`` need, verified; the composed model in eval mode on ``device``."""
-    import torch
-
     from pipeline.data import open_data
-    from pipeline.extract.run import _PROBE_SAMPLES, _autocast, load_frozen_backbone
+    from pipeline.extract.run import load_frozen_backbone, probe_backbone
     from pipeline.finetune.composed import ComposedModel
 
     run_dir, record = read_record(run_id=run_id, runs_dir=runs_dir)
@@ -179,11 +177,7 @@ def load_run(*, run_id: str, runs_dir: Path, device: Any, cache_root: Path | Non
     adapter, report, _ = load_frozen_backbone(config=config, checkpoint=ckpt, plan=plan, device=device,
                                               config_dir=sources.get("config_dir"))
     log.info("backbone: %s", report.summary())
-    if hasattr(adapter, "probe"):  # class_path backbones learn their output shapes as in extract
-        dataset = source.dataset()
-        probe = source.collate([dataset[i] for i in range(min(_PROBE_SAMPLES, plan.n_samples))])
-        with torch.inference_mode(), _autocast(device, config.dtype):
-            adapter.probe(probe, device=device, float_dtype=config.dtype)
+    probe_backbone(adapter, source=source, dataset=source.dataset(), plan=plan, device=device, dtype=config.dtype)
     if record.get("finetune"):
         from safetensors.torch import load_file
 

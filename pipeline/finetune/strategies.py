@@ -1,8 +1,8 @@
 """Which backbone parameters train in which phase, and at which learning rate.
 
-- Layer groups: a built-in family declares ``finetune_groups(module) -> {"layers": [...], "gradual": [...]}``
-  in its own file (regexes over parameter names; ``layers`` input to output, ``gradual`` what each phase
-  after the head-only one adds). A ``class_path`` backbone gets them from ``--unfreeze`` patterns or, failing
+- Layer groups: a built-in family's record (``BackboneFamily.finetune_groups``, in its own file) holds
+  ``finetune_groups(module) -> {"layers": [...], "gradual": [...]}`` (regexes over parameter names; ``layers``
+  input to output, ``gradual`` what each phase after the head-only one adds). A ``class_path`` backbone gets them from ``--unfreeze`` patterns or, failing
   those, from its top-level module order.
 - Strategies (the vision fine-tuning scripts and the tracking scripts' partial freezing):
   ``gradual`` head -> head + the family's groups, one by one -> everything (ULMFiT);
@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -76,8 +75,7 @@ def layout_for(*, backbone_name: str | None, module: Any, unfreeze: tuple[str, .
     if backbone_name:
         from pipeline.registry import BACKBONES
 
-        factory = BACKBONES.get(backbone_name)
-        declare = getattr(sys.modules[factory.__module__], "finetune_groups", None)
+        declare = BACKBONES.get(backbone_name).finetune_groups
         if declare is not None:
             groups = declare(module)
             return Layout(layers=tuple(groups["layers"]), gradual=tuple(unfreeze) or tuple(groups["gradual"]))

@@ -1,14 +1,14 @@
 """Stage one: train a built-in backbone (with a stage-one head) and write a Lightning-style checkpoint.
 
 ``ftpipe pretrain --backbone NAME --data PATH --out CKPT`` lands in :func:`run_pretrain`, which
-opens the data with the family's default layout (``pipeline.data.layouts``), calls the family's
-training function and writes the checkpoint that ``ftpipe extract --backbone NAME --checkpoint
-CKPT`` rebuilds from ``hyper_parameters``, strips of ``model.``, drops the head of and loads
-strictly.
+opens the data with the family's default layout (its ``BackboneFamily.data``), calls the family's
+training function (``BackboneFamily.pretrainer``) and writes the checkpoint that ``ftpipe extract
+--backbone NAME --checkpoint CKPT`` rebuilds from ``hyper_parameters``, strips of ``model.``, drops
+the head of and loads strictly.
 
-Family interface (one function per built-in family, usually in the family's backbone file)::
+Family interface (one function per built-in family, in ``pipeline/pretrain/<family>.py``, named by the
+family record as ``pretrainer="pipeline.pretrain.maskformer:pretrain_maskformer"``)::
 
-    @register_pretrainer("maskformer")
     def pretrain_maskformer(*, source: DataSource, epochs: int | None, device: torch.device,
                             seed: int, progress: bool, options: dict[str, Any]) -> PretrainResult: ...
 
@@ -19,7 +19,7 @@ Family interface (one function per built-in family, usually in the family's back
   does not know is a ``ConfigError`` naming the keys it accepts.
 - The function seeds its own generators from ``seed`` (runs are deterministic on one device).
 - It returns :class:`PretrainResult`: the trained backbone module (its ``state_dict`` keys are
-  exactly what the family's ``@register_backbone`` factory builds from ``init_args``), the head's
+  exactly what the family record's ``build`` makes from ``init_args``), the head's
   state dict (saved under ``model.head.``, which the family's ``CheckpointRules`` drop),
   ``init_args`` (JSON-able constructor kwargs), ``metrics`` (floats, e.g. val assignment
   efficiency), the number of epochs run, and ``extra_hparams`` (JSON-able facts extraction checks,
@@ -40,16 +40,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "head."  # stage-one head keys, saved as model.head.<key>; family CheckpointRules drop "head.*"
-
-PretrainFn = Callable[..., "PretrainResult"]
-PRETRAINERS: dict[str, PretrainFn] = {}
 
 
 @dataclass(frozen=True)
@@ -61,29 +58,6 @@ class PretrainResult:
     epochs: int = 0  # epochs actually run
     global_step: int = 0  # optimiser steps taken
     extra_hparams: dict[str, Any] = field(default_factory=dict)  # JSON-able, merged into hyper_parameters
-
-
-def register_pretrainer(name: str) -> Callable[[PretrainFn], PretrainFn]:
-    """Register a family's stage-one training function under its backbone name."""
-
-    def decorate(fn: PretrainFn) -> PretrainFn:
-        if name in PRETRAINERS and PRETRAINERS[name] is not fn:
-            raise ValueError(f"pretrainer {name!r} is registered twice")
-        PRETRAINERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_pretrainer(name: str) -> PretrainFn:
-    from pipeline.registry import BACKBONES
-
-    BACKBONES.names()  # importing the backbone package registers every family's pretrainer
-    if name not in PRETRAINERS:
-        raise ConfigError(
-            f"backbone {name!r} has no stage-one training; available: {', '.join(sorted(PRETRAINERS)) or '(none)'}"
-        )
-    return PRETRAINERS[name]
 
 
 def run_pretrain(
@@ -103,13 +77,14 @@ def run_pretrain(
     """
     import torch
 
+    from pipeline.backbones.base import layout_for_backbone
     from pipeline.config import DataConfig, build
     from pipeline.data import open_data
-    from pipeline.data.layouts import layout_for_backbone
+    from pipeline.registry import BACKBONES
 
     if epochs is not None and epochs <= 0:
         raise ConfigError(f"--epochs must be > 0; got {epochs}")
-    family = get_pretrainer(backbone)
+    family = BACKBONES.get(backbone).load_pretrainer()
     layout = layout_for_backbone(backbone, path=str(Path(data).resolve()))
     source = open_data(config=build(DataConfig, layout, source=f"default data layout of {backbone!r}"))
 
