@@ -88,7 +88,8 @@ class DefaultData:
 @dataclass(frozen=True)
 class TinyCase:
     """The conformance test's input: ``n`` samples of ``data``'s generator (default: the family's own
-    DefaultData), built with ``backbone`` (BackboneConfig fields besides ``name``)."""
+    DefaultData), built from ``backbone`` (a BackboneConfig section: ``name``, or ``class_path`` and taps;
+    small init_args keep the test fast)."""
 
     n: int = 12
     backbone: Mapping[str, Any] = field(default_factory=dict)

@@ -480,8 +480,10 @@ FAMILY = register_family(BackboneFamily(
     pretrainer=None,
     finetune_groups=None,  # phase three groups its top-level modules (pipeline/finetune/strategies.py)
     # a torch class with parameters, on the images generator's arrays: conv (B, 4, 4, 4) = 32x32 in 8x8 patches
-    tiny=TinyCase(n=12, backbone={"class_path": "torch.nn.Conv2d", "taps": {"objects/patches": ""},
-                                  "init_args": {"in_channels": 3, "out_channels": 4, "kernel_size": 8, "stride": 8}},
+    tiny=TinyCase(n=12, backbone={"class_path": "torch.nn.Conv2d",
+                                  "init_args": {"in_channels": 3, "out_channels": 4, "kernel_size": 8, "stride": 8},
+                                  "taps": {"objects/patches": "", "pooled/patches_max": ""},
+                                  "pooling": {"pooled/patches_max": "max"}},
                   data=DefaultData(generator="images", file="images.npz", layout={
                       "format": "arrays", "inputs": ["images"], "targets": ["label"], "split": "split",
                       "sample_id": "sample_id"})),

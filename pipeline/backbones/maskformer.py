@@ -486,6 +486,6 @@ FAMILY = register_family(BackboneFamily(
     data=DATA,
     pretrainer="pipeline.pretrain.maskformer:pretrain_maskformer",
     finetune_groups=finetune_groups,
-    tiny=TinyCase(n=12, backbone={"init_args": {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
-                                                "num_queries": 4}}),
+    tiny=TinyCase(n=12, backbone={"name": "maskformer", "init_args": {"dim": 16, "num_heads": 2, "encoder_layers": 1,
+                                                                      "decoder_layers": 1, "num_queries": 4}}),
 ))

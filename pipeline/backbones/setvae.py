@@ -450,5 +450,6 @@ FAMILY = register_family(BackboneFamily(
     }),
     pretrainer="pipeline.pretrain.setvae:pretrain_setvae",
     finetune_groups=finetune_groups,
-    tiny=TinyCase(n=12, backbone={"init_args": {"dim": 16, "latent_dim": 8, "num_heads": 2, "depth": 1}}),
+    tiny=TinyCase(n=12, backbone={"name": "setvae",
+                                  "init_args": {"dim": 16, "latent_dim": 8, "num_heads": 2, "depth": 1}}),
 ))

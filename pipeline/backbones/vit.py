@@ -281,6 +281,6 @@ FAMILY = register_family(BackboneFamily(
     }),
     pretrainer="pipeline.pretrain.vit:pretrain_vit",
     finetune_groups=finetune_groups,
-    tiny=TinyCase(n=12, backbone={"init_args": {"embed_dim": 16, "depth": 2, "num_heads": 2},
+    tiny=TinyCase(n=12, backbone={"name": "vit", "init_args": {"embed_dim": 16, "depth": 2, "num_heads": 2},
                                   "options": {"last_k_blocks": 2, "patch_tokens": True}}),
 ))
