@@ -58,6 +58,5 @@ BACKBONES: Registry = Registry("backbone", "pipeline.backbones")
 HEADS: Registry = Registry("head", "pipeline.heads")
 GENERATORS: Registry = Registry("data generator", "pipeline.data.generators")
 
-register_backbone = BACKBONES.register
 register_head = HEADS.register
 register_generator = GENERATORS.register

@@ -13,8 +13,8 @@ Notable features:
   time in hours), pre-norm blocks, causal mask -> per-step embeddings ``h_t`` (``seq/embed``).
   Padded steps sit after the valid ones, so the causal mask alone keeps them out of valid steps.
 - SeqSetVAE's sequential prior: ``p(z_{t+1} | h_t)`` from ``prior``; set 0 has N(0, I). Stage one
-  minimises set reconstruction (which variables were measured: BCE; their values: MSE) plus
-  ``beta`` x KL(q(z_t | set_t) || p(z_t | h_{t-1})), and optionally the label through an
+  (``pipeline/pretrain/setvae.py``) minimises set reconstruction (which variables were measured: BCE;
+  their values: MSE) plus ``beta`` x KL(q(z_t | set_t) || p(z_t | h_{t-1})), and optionally the label through an
   auxiliary ``cls_head`` on the attention-pooled sequence (saved as ``model.head.*``, dropped at
   extraction together with any predecessor ``cls_head.*`` keys).
 - Pooled outputs: ``pooled/attn`` (the predecessor scripts' pooling: query = mean of the valid

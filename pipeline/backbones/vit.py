@@ -12,7 +12,8 @@ Notable features:
   tokens), optionally ``pooled/cls_last<k>`` (the CLS tokens of the last k blocks, each passed
   through the final norm and concatenated: DINOv2 linear-evaluation style; option
   ``last_k_blocks``) and ``objects/embed`` (the normed patch tokens; option ``patch_tokens``).
-- Stage one: cross-entropy on the image labels through ``head`` (a Linear on ``pooled/cls``).
+- Stage one (``pipeline/pretrain/vit.py``): cross-entropy on the image labels through ``head`` (a Linear on
+  ``pooled/cls``).
 """
 
 from __future__ import annotations

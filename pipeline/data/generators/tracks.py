@@ -7,7 +7,7 @@ seen from +z for q > 0. Each barrel layer (a cylinder of radius r_L, |z| < HALF_
 the helix's first crossing; the hit is smeared along the layer (r-phi and z), so its radius is
 exactly r_L. Uniform noise hits are added, and the hits of an event are shuffled.
 
-Parquet, one row per event (``layouts.LAYOUTS["maskformer"]`` reads it):
+Parquet, one row per event (the maskformer family's ``DATA`` layout reads it):
     event_id (int64), split (train/val/test), n_particles (int32)
     hit_x, hit_y, hit_z, hit_r, hit_phi, hit_eta  list<float32>  (m, m, m, m, rad, asinh(z/r))
     hit_layer     list<int8>    layer number 0..N_LAYERS-1
