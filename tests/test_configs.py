@@ -40,7 +40,7 @@ def test_yaml_validates(path: Path):
 
         assert config.arch in HEADS
     elif section == "sweeps":
-        from pipeline.train.sweep import sweep_spec_from_cli
+        from pipeline.train.sweep_spec import sweep_spec_from_cli
 
         spec = sweep_spec_from_cli(config_path=str(path), arch=None, sets=(), seeds=None, epochs=None,
                                    target=None, task=None, device=None)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.config import parse_axis
 from pipeline.errors import ConfigError
-from pipeline.train.sweep import SweepSpec, parse_axis, run_sweep, sweep_spec_from_cli
+from pipeline.train.sweep import run_sweep
+from pipeline.train.sweep_spec import SweepSpec, sweep_spec_from_cli
 
 
 def tiny_cache(root: Path, *, n: int = 240, d: int = 8, seed: int = 0) -> str:
