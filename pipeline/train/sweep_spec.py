@@ -156,6 +156,7 @@ def _spec_fields(data: Mapping[str, Any], *, source: str, default_name: str = "s
         "target": file.target,
         "task": file.task,
         "device": file.device or "auto",
+        "source": source,
     }
 
 
@@ -185,6 +186,7 @@ class SweepSpec:
     target: str | None = None  # targets/<name>; None = the cache's only target
     task: str | None = None  # classify | regress; None = from the head or the target
     device: str = "auto"
+    source: str = field(default="", compare=False)  # the YAML it came from, named in its errors
     _trials: tuple[TrialConfig, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -194,7 +196,7 @@ class SweepSpec:
             raise ConfigError("the sweep has no grid: give --arch (and --set axes) or a config with `grid:`")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct and non-empty; got {list(self.seeds)}")
-        _check_train_keys(self.train, source="sweep")
+        _check_train_keys(self.train, source=self.source or "sweep")
         for i, grid in enumerate(self.grids):
             if "arch" not in grid:
                 raise ConfigError(f"grid[{i}] has no `arch` axis (which heads to train)")
@@ -218,9 +220,12 @@ class SweepSpec:
                 for seed in self.seeds:
                     data = {"target": self.target, "task": self.task, "device": self.device, **self.train, **train,
                             "params": {**self.params, **params}, "seed": seed}
-                    source = f"sweep {self.name!r} grid point {point}"
-                    config = cfg.build(cfg.TrainConfig, {k: v for k, v in data.items() if v is not None},
-                                       source=source)
+                    source = f"{self.source + ': ' if self.source else ''}sweep {self.name!r} grid point {point}"
+                    try:
+                        config = cfg.build(cfg.TrainConfig, {k: v for k, v in data.items() if v is not None},
+                                           source=source)
+                    except ConfigError as exc:  # TrainConfig's own checks do not know where it came from
+                        raise (exc if str(exc).startswith(source) else ConfigError(f"{source}: {exc}")) from None
                     head_params = cfg.check_head(config, source=source)
                     key = json.dumps(cfg.to_dict(config), sort_keys=True, default=str)
                     if key not in seen:
