@@ -363,7 +363,7 @@ def parse_axis(raw: str) -> tuple[Any, ...]:
     return values
 
 
-def parse_set_options(items: tuple[str, ...] | list[str] | Sequence[str], *, axes: bool = False) -> dict[str, Any]:
+def parse_set_options(items: Sequence[str], *, axes: bool = False) -> dict[str, Any]:
     """The one ``--set key=value`` parser (pretrain, train-head, finetune, sweep) -> ``{key: value}``.
 
     Values are YAML (``3``, ``1e-3``, ``[96,144]``, ``true``; see ``parse_value``). ``axes=True`` (sweep):
