@@ -148,6 +148,12 @@ def test_a_mistyped_sweep_yaml_names_the_mistake(tmp_path: Path, text: str, mess
     assert "\n" not in str(err.value)
 
 
+def test_an_empty_section_is_a_missing_one(tmp_path: Path):
+    path = _yaml(tmp_path, "name:\ntrain:\nparams:\n  # inverse: true\ngrid: {arch: linear}\n", name="my_probe.yaml")
+    spec = _from_yaml(path)
+    assert (spec.name, spec.train, spec.params, len(spec.trials())) == ("my-probe", {}, {}, 1)
+
+
 def test_precedence_defaults_yaml_cli(tmp_path: Path):
     path = _yaml(tmp_path, "name: prec\nseeds: [3, 4]\ntask: classify\ntrain: {epochs: 5, lr: 1.0e-2}\n"
                            "params: {dropout: 0.3}\ngrid: {arch: mlp, hidden: [[8], [16]]}\n")
@@ -179,9 +185,10 @@ def test_the_yaml_format_reads_back_and_keeps_its_sweep_id(tmp_path: Path):
 
 def test_the_executor_takes_the_resolved_trials_memory_budget(tmp_path: Path, monkeypatch):
     """`--set memory_budget_gb=X` is an axis, not a `train:` key: the cache load must still see it."""
+    from test_sweep import tiny_cache
+
     import pipeline.train.fit as T
     from pipeline.train.sweep import run_sweep
-    from test_sweep import tiny_cache
 
     key = tiny_cache(tmp_path / "cache", n=60)
     seen = []

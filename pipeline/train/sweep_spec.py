@@ -144,7 +144,8 @@ def _parse_seeds(seeds: Any, *, source: str) -> tuple[int, ...]:
 
 def _spec_fields(data: Mapping[str, Any], *, source: str, default_name: str = "sweep") -> dict[str, Any]:
     """Plain data of a sweep YAML -> ``SweepSpec`` keyword arguments (strict: unknown keys, types)."""
-    file = cfg.build(SweepFile, data, source=source)
+    # `params:` with only commented-out lines under it is null in YAML: the same as leaving the key out
+    file = cfg.build(SweepFile, {k: v for k, v in data.items() if v is not None}, source=source)
     _check_train_keys(file.train, source=source)
     grids = [file.grid] if isinstance(file.grid, dict) else list(file.grid)
     return {
