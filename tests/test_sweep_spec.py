@@ -115,6 +115,8 @@ def test_each_trial_is_resolved_once_into_a_frozen_record():
     assert t.head_params["loss"] is None and t.config.params == {"hidden": [32]}
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.label = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        t.head_params["hidden"] = [8]  # type: ignore[index]
     assert spec.trials() is not spec.trials() and spec.trials() == trials  # one expansion, copies handed out
 
 

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,7 +57,7 @@ class TrialConfig:
     """One grid point x seed, resolved once (before a cache is chosen): what the sweep's executor trains."""
 
     config: cfg.TrainConfig  # what the trainer takes; params as given, so config ids (and resume) stay stable
-    head_params: Mapping[str, Any]  # the params the head is built with: its family's defaults filled in
+    head_params: Mapping[str, Any]  # the params the head is built with (family defaults filled in; read-only)
     swept: tuple[tuple[str, Any], ...]  # the axes of its sub-grid and their values here (for the label)
     label: str  # hyperparameter name without the seed: ``mlp_hidden144_layers3_lr0.001`` (same for every seed)
 
@@ -232,7 +233,8 @@ class SweepSpec:
                     if key not in seen:
                         seen.add(key)
                         label = "_".join([_fmt(config.arch)] + [f"{_fmt(k)}{_fmt(v)}" for k, v in swept])
-                        out.append(TrialConfig(config=config, head_params=head_params, swept=swept, label=label))
+                        out.append(TrialConfig(config=config, head_params=types.MappingProxyType(head_params),
+                                               swept=swept, label=label))
         return tuple(out)
 
     def trials(self) -> list[TrialConfig]:
