@@ -355,21 +355,12 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
     --epochs N trains N epochs' worth of steps evaluated once per epoch; --set max_steps=N sets steps.
     --set takes head params and training options alike (--set lr=3e-4 is --lr 3e-4), as in `ftpipe sweep`.
     """
-    from pipeline import config as cfg
+    from pipeline.config import load_train_config
     from pipeline.train.fit import run_train_head
 
-    overrides = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
-                 "batch_size": batch_size, "seed": seed, "device": device, "memory_budget_gb": memory_budget_gb}
-    if sets:
-        params = cfg.parse_set_options(sets)
-        # training options on --set go to the trainer (one spelling across train-head and sweep)
-        for key in [k for k in params if k in cfg.TRAIN_OPTION_NAMES]:
-            if overrides.get(key) is not None:
-                raise cfg.ConfigError(f"--set {key}=... and --{key.replace('_', '-')} both given; use one")
-            overrides[key] = params.pop(key)
-        if params:
-            overrides["params"] = params
-    config = cfg.load(cfg.TrainConfig, yaml_path=config_path, overrides=overrides)
+    options = {"arch": arch, "target": target, "task": task, "epochs": epochs, "lr": lr,
+               "batch_size": batch_size, "seed": seed, "device": device, "memory_budget_gb": memory_budget_gb}
+    config = load_train_config(yaml_path=config_path, options=options, sets=sets)
     result = run_train_head(
         cache_ref=cache_ref,
         cache_root=_cache_root(cache_root),
@@ -404,18 +395,30 @@ def train_head(cache_ref, arch, target, task, sets, config_path, epochs, lr, bat
 @click.option("--seed", type=int, default=None, help="Random seed (batch order, dropout) [default: 0].")
 @click.option("--checkpoint", type=click.Path(), default=None, help="The backbone checkpoint, if it moved since extract.")
 @click.option("--data", type=click.Path(), default=None, help="The extracted data, if it moved since extract.")
+@click.option("--set", "sets", multiple=True,
+              help="Any other fine-tune option, key=value (repeatable): weight_decay, warmup_epochs, grad_clip, "
+                   "num_workers.")
 @device_option
 @cache_root_option
 @runs_dir_option
 @json_option
 def finetune(run_id, strategy, unfreeze, llrd_decay, lr, epochs, patience, batch_size, seed, checkpoint, data,
-             device, cache_root, runs_dir, as_json):
+             sets, device, cache_root, runs_dir, as_json):
     """Phase three: fine-tune backbone + head from a run's trained head (warm start) and record the run."""
+    from pipeline import config as cfg
     from pipeline.finetune.fit import FinetuneConfig, run_finetune
 
-    given = {"strategy": strategy, "unfreeze": tuple(unfreeze), "llrd_decay": llrd_decay, "lr": lr, "epochs": epochs,
-             "patience": patience, "batch_size": batch_size, "seed": seed, "device": device}
-    config = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    # --strategy has a shown default, so only a strategy typed on the command line conflicts with --set strategy=
+    typed = click.get_current_context().get_parameter_source("strategy") != click.core.ParameterSource.DEFAULT
+    given = {"strategy": strategy if typed else None, "unfreeze": tuple(unfreeze) or None,
+             "llrd_decay": llrd_decay, "lr": lr, "epochs": epochs, "patience": patience, "batch_size": batch_size,
+             "seed": seed, "device": device}
+    values = {k: v for k, v in given.items() if v is not None}
+    for key, value in cfg.parse_set_options(sets).items():
+        if key in values:
+            raise cfg.ConfigError(f"--set {key}=... and --{key.replace('_', '-')} both given; use one")
+        values[key] = value
+    config = cfg.build(FinetuneConfig, values, source="finetune options")
     result = run_finetune(run_id=run_id, runs_dir=Path(runs_dir), config=config, cache_root=_cache_root(cache_root),
                           checkpoint=Path(checkpoint) if checkpoint else None, data=Path(data) if data else None,
                           progress=not as_json and sys.stderr.isatty())
@@ -580,7 +583,8 @@ def sweep(cache_refs, config_path, arch, sets, seeds, epochs, target, task, stra
     Training options (lr, epochs, batch_size, ...) on --set axes go to the trainer, others to the head;
     `--set hidden=[256,128],[128]` gives two list values. Rerunning skips runs already recorded.
     """
-    from pipeline.train.sweep import parse_shard, run_sweep, sweep_spec_from_cli
+    from pipeline.train.sweep import parse_shard, run_sweep
+    from pipeline.train.sweep_spec import sweep_spec_from_cli
 
     part = parse_shard(shard)
     spec = sweep_spec_from_cli(config_path=config_path, arch=arch, sets=sets, seeds=seeds, epochs=epochs,

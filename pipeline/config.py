@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 from pipeline.errors import ConfigError
 
@@ -151,8 +151,8 @@ class TrainConfig:
             raise ConfigError("select_split is 'test': heads are selected on val, test is only reported; use val")
 
 
-# TrainConfig fields that `--set key=value` may name on `train-head` as on `sweep` (the rest are head params)
-TRAIN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("arch", "params"))
+# TrainConfig fields that `--set key=value` names on `train-head` as on `sweep` (any other key is a head param)
+TRAIN_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "params")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -225,7 +225,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _unknown_key_error(cls: type, data: Mapping[str, Any], *, source: str, prefix: str = "") -> ConfigError | None:
     """The first unknown key, named by its path (``backbone.tapz``) with the closest field (did you mean)."""
-    import difflib
     import typing
 
     try:
@@ -235,8 +234,8 @@ def _unknown_key_error(cls: type, data: Mapping[str, Any], *, source: str, prefi
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"{cls.__name__} takes: {', '.join(names)}"
+            close = did_you_mean(key, names)
+            hint = f"did you mean {close!r}?" if close else f"{cls.__name__} takes: {', '.join(names)}"
             return ConfigError(f"{source}: unknown key {prefix + str(key)!r}; {hint}")
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(data[key], Mapping):
@@ -328,20 +327,120 @@ def _read_section(cls: type, yaml_path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs -> dict; values parsed as YAML scalars/lists (``3``, ``1e-3``, ``[96,144]``)."""
+def parse_value(raw: str) -> Any:
+    """One command-line value as YAML (1.2 floats): ``3`` -> 3, ``1e-3`` -> 0.001, ``[96,144]`` -> a list,
+    ``true`` -> True; text that is not valid YAML stays the text it is."""
     import yaml
 
+    try:
+        return yaml_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def split_top_level(text: str) -> list[str]:
+    """``96,144,[256,128]`` -> ``["96", "144", "[256,128]"]`` (commas inside brackets stay)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_axis(raw: str) -> tuple[Any, ...]:
+    """A sweep axis ``v1,v2,...``: each value parsed by ``parse_value`` (``[256,128,64]`` is ONE value)."""
+    values = tuple(parse_value(part) for part in split_top_level(raw))
+    if not values:
+        raise ConfigError(f"--set axis {raw!r} has no values")
+    return values
+
+
+def parse_set_options(items: Sequence[str], *, axes: bool = False) -> dict[str, Any]:
+    """The one ``--set key=value`` parser (pretrain, train-head, finetune, sweep) -> ``{key: value}``.
+
+    Values are YAML (``3``, ``1e-3``, ``[96,144]``, ``true``; see ``parse_value``). ``axes=True`` (sweep):
+    each value is a tuple of the comma-separated values ``v1,v2,...`` (``parse_axis``). A key given twice
+    is an error rather than a silent last-one-wins.
+    """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set hidden=144")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            example = "hidden=96,144,288" if axes else "hidden=144"
+            raise ConfigError(f"--set {item!r}: expected key={'v1,v2,...' if axes else 'value'}, e.g. --set {example}")
+        if key in out:
+            raise ConfigError(f"--set {key}=... given twice; give each key once")
+        out[key] = parse_axis(raw) if axes else parse_value(raw)
     return out
+
+
+def split_train_options(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{lr: .., hidden: ..}`` -> (TrainConfig options, head params): one routing for train-head and sweep."""
+    train = {k: v for k, v in values.items() if k in TRAIN_FIELD_NAMES}
+    return train, {k: v for k, v in values.items() if k not in TRAIN_FIELD_NAMES}
+
+
+def did_you_mean(key: str, names: Sequence[str]) -> str | None:
+    """The closest of ``names`` to a misspelt ``key`` (difflib's ratio), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), [str(n) for n in names], n=1)
+    return close[0] if close else None
+
+
+def check_head(config: TrainConfig, *, source: str) -> dict[str, Any]:
+    """Check ``config`` against its registered head family before anything is loaded: the head exists,
+    every param is one of its params (a misspelt one is named, with the closest param), and it does
+    the task. Returns the params the head is built with (the family's defaults filled in)."""
+    from pipeline.heads.base import TASK_PARAMS
+    from pipeline.registry import HEADS
+
+    family = HEADS.get(config.arch)  # unknown head -> ConfigError listing the heads
+    names = [*family.defaults, *TASK_PARAMS]
+    for key in config.params:
+        if key in names:
+            continue
+        if key in TRAIN_FIELD_NAMES:
+            hint = f"{key!r} is a training option, not a head param: set it at the top level ({key}: ...)"
+        else:
+            close = did_you_mean(key, names)
+            hint = f"did you mean {close!r}? " if close else ""
+            hint += f"{config.arch} takes {sorted(family.defaults)} plus task params {sorted(TASK_PARAMS)}"
+        raise ConfigError(f"{source}: head {config.arch!r}: unknown param(s) {[key]}; {hint}")
+    net, task_params = family.resolve_params(config.params)
+    if config.task is not None and config.task not in family.tasks:
+        raise ConfigError(f"{source}: head {config.arch!r} does not do {config.task}; it does {', '.join(family.tasks)}")
+    return {**net, **task_params}
+
+
+def load_train_config(*, yaml_path: str | Path | None = None, options: Mapping[str, Any] | None = None,
+                      sets: Sequence[str] = ()) -> TrainConfig:
+    """``train-head``'s config: defaults < YAML < command line, checked against its head family.
+
+    ``options``: the command's own flags (None = not given). ``sets``: ``--set key=value``; a TrainConfig
+    field (lr, max_steps, ...) goes to the trainer, any other key is a head param, as on ``ftpipe sweep``;
+    a field given both by ``--set`` and by its own flag is an error.
+    """
+    overrides = dict(options or {})
+    train, params = split_train_options(parse_set_options(sets))
+    for key, value in train.items():
+        if overrides.get(key) is not None:
+            raise ConfigError(f"--set {key}=... and --{key.replace('_', '-')} both given; use one")
+        overrides[key] = value
+    if params:
+        overrides["params"] = params
+    config = load(TrainConfig, yaml_path=yaml_path, overrides=overrides)
+    check_head(config, source=str(yaml_path) if yaml_path is not None else "command line")
+    return config
 
 
 def resolve_device(device: str) -> "Any":

@@ -35,12 +35,13 @@ def test_yaml_validates(path: Path):
         if config.backbone.name:
             assert config.backbone.name in BACKBONES
     elif section == "heads":
-        config = cfg.load(cfg.TrainConfig, yaml_path=path)
+        # the head's params are checked against its registered family (a misspelt one fails here)
+        config = cfg.load_train_config(yaml_path=path)
         from pipeline.registry import HEADS
 
-        assert config.arch in HEADS
+        assert config.arch in HEADS and set(config.params) <= set(cfg.check_head(config, source=str(path)))
     elif section == "sweeps":
-        from pipeline.train.sweep import sweep_spec_from_cli
+        from pipeline.train.sweep_spec import sweep_spec_from_cli
 
         spec = sweep_spec_from_cli(config_path=str(path), arch=None, sets=(), seeds=None, epochs=None,
                                    target=None, task=None, device=None)
@@ -113,3 +114,90 @@ def test_lightning_cli_config_is_a_backbone_section(tmp_path: Path):
     assert Path(c.data.path) == (tmp_path / "d.npz").resolve() and c.data.inputs == ["x"]
     with pytest.raises(cfg.ConfigError, match="taps is empty"):
         cfg.load(cfg.ExtractConfig, yaml_path=y)
+
+
+# ---------------------------------------------------------------- head params, --set, precedence
+
+
+def test_a_misspelt_head_param_in_a_head_yaml_is_named_with_the_closest_param(tmp_path: Path):
+    y = tmp_path / "h.yaml"
+    y.write_text("arch: weighted-pool\ntask: regress\nparams:\n  hiden: 144\n  layers: 3\n")
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load_train_config(yaml_path=y)
+    assert str(err.value).startswith(f"{y}: head 'weighted-pool': unknown param(s) ['hiden']; did you mean 'hidden'?")
+    y.write_text("arch: mlp2\nparams: {lr: 0.1}\n")
+    with pytest.raises(cfg.ConfigError, match="'lr' is a training option, not a head param: set it at the top level"):
+        cfg.load_train_config(yaml_path=y)
+    y.write_text("arch: weighted-pool\ntask: classify\n")
+    with pytest.raises(cfg.ConfigError, match="does not do classify; it does regress"):
+        cfg.load_train_config(yaml_path=y)
+
+
+@pytest.mark.parametrize("command", ["train-head", "sweep"])
+def test_train_head_and_sweep_refuse_a_misspelt_head_param_at_load(tmp_path: Path, command: str):
+    """One line, exit 2, before any cache is opened (the cache named here does not exist)."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    y = tmp_path / "bad.yaml"
+    if command == "train-head":
+        y.write_text("arch: mlp\nparams: {hidden: [8], dropuot: 0.2}\n")
+    else:
+        y.write_text("grid: {arch: mlp, hidden: [[8]], dropuot: [0.1, 0.2]}\n")
+    res = CliRunner().invoke(main, [command, "--cache", str(tmp_path / "no-such-cache"), "--config", str(y),
+                                    "--runs-dir", str(tmp_path / "runs")])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith(f"error: {y}") and "unknown param(s) ['dropuot']; did you mean 'dropout'?" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_set_parser_for_values_and_for_sweep_axes():
+    assert cfg.parse_set_options(["eps=1e-12", "hidden=[96,144]", "refit=true", "features=pooled/cls"]) == {
+        "eps": 1e-12, "hidden": [96, 144], "refit": True, "features": "pooled/cls"}
+    assert cfg.parse_set_options(["hidden=96,[256,128]", "lr=1e-3"], axes=True) == {
+        "hidden": (96, [256, 128]), "lr": (1e-3,)}
+    assert cfg.parse_set_options(["note=a: b: c"]) == {"note": "a: b: c"}  # not YAML: the text itself
+    for bad, match in ((["hidden"], "expected key=value"), (["=3"], "expected key=value"),
+                       (["lr=1", "lr=2"], "given twice"), (["lr="], "has no values")):
+        with pytest.raises(cfg.ConfigError, match=match):
+            cfg.parse_set_options(bad, axes=bad == ["lr="])
+
+
+def test_train_head_precedence_defaults_yaml_set_and_flags(tmp_path: Path):
+    y = tmp_path / "h.yaml"
+    y.write_text("arch: mlp\nlr: 1.0e-2\nepochs: 7\nparams: {hidden: [32], dropout: 0.3}\n")
+    c = cfg.load_train_config(yaml_path=y, options={"epochs": 3, "lr": None, "arch": None},
+                              sets=["hidden=[16]", "batch_size=64", "norm=layer"])
+    # defaults < YAML < command line; YAML params not named on the command line stay
+    assert (c.arch, c.lr, c.epochs, c.batch_size, c.patience) == ("mlp", 0.01, 3, 64, 10)
+    assert c.params == {"hidden": [16], "dropout": 0.3, "norm": "layer"}
+    with pytest.raises(cfg.ConfigError, match="--set epochs=... and --epochs both given"):
+        cfg.load_train_config(yaml_path=y, options={"epochs": 3}, sets=["epochs=4"])
+
+
+def test_finetune_set_takes_the_options_without_a_flag(tmp_path: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    import pipeline.finetune.fit as finetune_fit
+    from cli import main
+
+    seen = []
+
+    def capture(*, config, **_):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(finetune_fit, "run_finetune", capture)
+    res = CliRunner().invoke(main, ["finetune", "--run", "r", "--strategy", "llrd", "--set", "weight_decay=1e-3",
+                                    "--set", "warmup_epochs=0", "--lr", "3e-4"])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].strategy, seen[0].weight_decay, seen[0].warmup_epochs, seen[0].lr) == ("llrd", 1e-3, 0, 3e-4)
+    for args, message in ((["--set", "weight_decy=0.1"], "unknown key 'weight_decy'; did you mean 'weight_decay'?"),
+                          (["--lr", "1e-3", "--set", "lr=1e-4"], "--set lr=... and --lr both given; use one"),
+                          (["--strategy", "full", "--set", "strategy=llrd"], "--set strategy=... and --strategy")):
+        res = CliRunner().invoke(main, ["finetune", "--run", "r", *args])
+        assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(main, ["finetune", "--run", "r", "--set", "strategy=full"])
+    assert res.exit_code == 0 and seen[-1].strategy == "full"

@@ -345,7 +345,8 @@ def test_set_lr_means_the_same_in_train_head_as_in_sweep(tmp_path, cache):
 
 
 def test_yaml_numbers_are_numbers_everywhere(tmp_path):
-    from pipeline.train.sweep import parse_axis, sweep_spec_from_cli
+    from pipeline.config import parse_axis
+    from pipeline.train.sweep_spec import sweep_spec_from_cli
 
     assert cfg.yaml_load("eps: 1e-12")["eps"] == 1e-12 and cfg.yaml_load("n: 12")["n"] == 12
     assert cfg.parse_set_options(["eps=1e-12"]) == {"eps": 1e-12}
@@ -364,7 +365,8 @@ def test_yaml_numbers_are_numbers_everywhere(tmp_path):
 
 
 def _sweep_child(store: str, runs: str) -> None:
-    from pipeline.train.sweep import run_sweep, sweep_spec_from_cli
+    from pipeline.train.sweep import run_sweep
+    from pipeline.train.sweep_spec import sweep_spec_from_cli
 
     spec = sweep_spec_from_cli(config_path=None, arch="linear,mlp2", sets=("features=pooled/mean", "lr=1e-2,3e-3"),
                                seeds=1, epochs=2, target=None, task=None, device="cpu")

@@ -1,4 +1,5 @@
-"""Sweeps: grid expansion, a 12-configuration sweep on a tiny cache, seeds and several caches, resume."""
+"""Sweeps: a 12-configuration sweep on a tiny cache, seeds and several caches, resume (the spec and its
+expansion into trials: test_sweep_spec.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.train.sweep import SweepSpec, parse_axis, run_sweep, sweep_spec_from_cli
+from pipeline.train.sweep import run_sweep
+from pipeline.train.sweep_spec import SweepSpec
 
 
 def tiny_cache(root: Path, *, n: int = 240, d: int = 8, seed: int = 0) -> str:
@@ -43,83 +44,6 @@ def tiny_cache(root: Path, *, n: int = 240, d: int = 8, seed: int = 0) -> str:
         })
         assert writer.finalize()
     return key
-
-
-def _spec(**kw) -> SweepSpec:
-    base = dict(config_path=None, arch=None, sets=(), seeds=None, epochs=None, target=None, task=None, device="cpu")
-    base.update(kw)
-    return sweep_spec_from_cli(**base)
-
-
-# --------------------------------------------------------------------------- expansion
-
-
-def test_axis_values_split_at_top_level_commas():
-    assert parse_axis("96,144,288") == (96, 144, 288)
-    assert parse_axis("1e-3,3e-4") == (0.001, 0.0003)  # YAML 1.1 reads 1e-3 as text: coerced
-    assert parse_axis("[256,128,64],[128]") == ([256, 128, 64], [128])
-    assert parse_axis("batch,layer") == ("batch", "layer")
-
-
-def test_cli_grid_routes_training_options_and_head_params():
-    spec = _spec(arch="mlp2,mlp3", sets=("hidden=96,144,288", "lr=1e-3,3e-4"), seeds=2, epochs=4)
-    trials = spec.trials()
-    assert len(trials) == 2 * 3 * 2 * 2
-    t = trials[0]
-    assert (t.config.arch, t.config.params, t.config.lr, t.config.epochs, t.config.seed) == ("mlp2", {"hidden": 96}, 1e-3, 4, 0)
-    assert t.label == "mlp2_hidden96_lr0.001"
-    rid = t.run_id("k" * 64)
-    assert rid.startswith("mlp2_hidden96_lr0.001_seed0-") and rid == t.run_id("k" * 64)
-    other_seed = next(x for x in trials if x.label == t.label and x.config.seed == 1)
-    assert other_seed.run_id("k" * 64).split("-")[-1] == rid.split("-")[-1]  # the config id: shared by seeds
-    assert t.run_id("j" * 64) != rid  # another cache, another run
-
-
-def test_yaml_sweep_union_of_subgrids_and_cli_overrides(tmp_path: Path):
-    y = tmp_path / "s.yaml"
-    y.write_text(
-        "# ftpipe sweep --cache KEY --config s.yaml\n"
-        "name: probe\nseeds: 2\ntrain: {epochs: 5, batch_size: 64}\n"
-        "grid:\n"
-        "  - {arch: linear, lr: [1.0e-3, 1e-2]}\n"
-        "  - {arch: mlp, hidden: [[32, 16], [16]], dropout: 0.0}\n"
-    )
-    spec = sweep_spec_from_cli(config_path=str(y), arch=None, sets=(), seeds=None, epochs=None, target=None,
-                               task=None, device=None)
-    assert spec.name == "probe" and len(spec.trials()) == (2 + 2) * 2
-    mlp = [t for t in spec.trials() if t.config.arch == "mlp"]
-    assert mlp[0].config.params == {"hidden": [32, 16], "dropout": 0.0} and mlp[0].config.batch_size == 64
-    assert mlp[0].label == "mlp_hidden32-16_dropout0"
-    only = sweep_spec_from_cli(config_path=str(y), arch="linear", sets=("lr=3e-4",), seeds=1, epochs=2,
-                               target=None, task=None, device=None)
-    assert [(t.config.arch, t.config.lr, t.config.epochs) for t in only.trials()] == [("linear", 3e-4, 2)]
-
-
-@pytest.mark.parametrize("kw, match", [
-    (dict(arch="mlp2", sets=("hiden=8",)), "hiden"),  # misspelt head param: named
-    (dict(arch="nope"), "unknown head"),
-    (dict(arch="mlp2", sets=("lr=-1",)), "lr"),
-    (dict(arch="mlp2", sets=("seed=1,2",)), "seeds"),
-    (dict(arch=None), "--arch"),
-])
-def test_invalid_specs_say_what_is_wrong(kw, match):
-    with pytest.raises(ConfigError, match=match):
-        _spec(**kw)
-
-
-def test_unknown_spec_key_is_an_error():
-    with pytest.raises(ConfigError, match="grids"):
-        SweepSpec.from_dict({"grids": [{"arch": "linear"}]})
-
-
-def test_sweep_configs_in_repo_expand():
-    configs = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
-    assert len(configs) >= 3
-    for path in configs:
-        assert path.read_text().startswith("# ftpipe sweep ")
-        spec = sweep_spec_from_cli(config_path=str(path), arch=None, sets=(), seeds=None, epochs=None, target=None,
-                                   task=None, device=None)
-        assert spec.trials()
 
 
 # --------------------------------------------------------------------------- running

@@ -1,9 +1,9 @@
 """Sweeps: a grid of head configurations trained over one or more caches, each cache loaded once.
 
 Notable features:
-- A sweep spec (YAML in ``configs/sweeps/`` or ``--arch/--set`` on the command line) is a union of
-  sub-grids; each sub-grid is the product of its axes. Training options (any ``TrainConfig`` field:
-  lr, epochs, batch_size, ...) go to the ``TrainConfig``; every other axis is a head param.
+- What is trained comes from a ``SweepSpec`` (``pipeline.train.sweep_spec``: the YAML or ``--arch/--set``
+  grid, validated and expanded into one resolved ``TrialConfig`` per configuration x seed); this
+  module only executes those trials.
 - Every configuration x seed x cache is one run named from its swept hyperparameters
   (``mlp_hidden144_layers3_lr0.001_seed0-<hash>``, the DINOv2 linear-eval habit) with a hash of the
   resolved config and the cache key, so the name is stable: a rerun finds the runs already recorded
@@ -19,9 +19,6 @@ Notable features:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import itertools
 import json
 import logging
 import re
@@ -32,286 +29,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pipeline import config as cfg
 from pipeline.errors import ConfigError, FtpipeError
+from pipeline.train.sweep_spec import SweepSpec, TrialConfig
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "stacked", "in-turn")
 MEASURE_STEPS = 3  # timed optimiser steps per way (after one warm-up step) when strategy=auto measures
 MEASURE_MIN_TRAIN_STEPS = 100  # below this many steps per head, auto does not measure: GPU stacks, CPU in turn
-# TrainConfig fields a grid axis may name; everything else on an axis is a head param. `seed` has its
-# own key (`seeds`), `params` is the head-param mapping itself.
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(cfg.TrainConfig) if f.name not in ("params", "seed"))
-SPEC_KEYS = ("name", "target", "task", "device", "seeds", "train", "params", "grid")
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _coerce(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string; a grid value that reads as a number is that number."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if isinstance(value, list):
-        return [_coerce(v) for v in value]
-    return value
-
-
-def _split_top_level(text: str) -> list[str]:
-    """``96,144,[256,128]`` -> ``["96", "144", "[256,128]"]`` (commas inside brackets stay)."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [p.strip() for p in parts if p.strip()]
-
-
-def parse_axis(raw: str) -> tuple[Any, ...]:
-    """A command-line axis ``v1,v2,...``: each value a YAML scalar or list (``[256,128,64]`` is ONE value)."""
-    import yaml
-
-    values = []
-    for part in _split_top_level(raw):
-        try:
-            values.append(_coerce(cfg.yaml_load(part)))
-        except yaml.YAMLError:
-            values.append(part)
-    if not values:
-        raise ConfigError(f"--set axis {raw!r} has no values")
-    return tuple(values)
-
-
-def _axis_values(key: str, value: Any) -> tuple[Any, ...]:
-    """A YAML grid entry: a list is an axis of values; a scalar is one value (wrap a list value: [[256,128]])."""
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"grid axis {key!r} is an empty list")
-        return tuple(_coerce(v) for v in value)
-    return (_coerce(value),)
-
-
-def _fmt(value: Any) -> str:
-    """A hyperparameter value as it appears in a run name: 0.001, 96, 256-128-64, true."""
-    if isinstance(value, bool):
-        text = str(value).lower()
-    elif isinstance(value, float):
-        text = format(value, "g")
-    elif isinstance(value, (list, tuple)):
-        text = "-".join(_fmt(v) for v in value)
-    else:
-        text = str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]", "", text.replace("/", "."))
-
-
-def _digest(obj: Any, n: int = 8) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:n]
-
-
-# --------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One configuration x seed (before a cache is chosen)."""
-
-    config: cfg.TrainConfig
-    swept: tuple[tuple[str, Any], ...]  # the axes of its sub-grid and their values here (for the name)
-
-    @property
-    def label(self) -> str:
-        """Hyperparameter name without the seed: ``mlp_hidden144_layers3_lr0.001`` (same for every seed)."""
-        return "_".join([_fmt(self.config.arch)] + [f"{_fmt(k)}{_fmt(v)}" for k, v in self.swept])
-
-    def run_id(self, cache_key: str) -> str:
-        """``<label>_seed<s>-<config id>``: stable across reruns; the suffix is the trainer's ``config_id``
-        (config without seed and device, plus the cache key), so every seed of a configuration shares it."""
-        from pipeline.train.fit import config_id
-
-        return f"{self.label}_seed{self.config.seed}-{config_id(config=self.config, cache_key=cache_key)[:8]}"
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """What a sweep trains, validated at construction (an invalid spec cannot exist).
-
-    ``grids``: sub-grids, each ``{axis: (values...)}`` with an ``arch`` axis; the sweep is the union
-    of their products. ``train`` / ``params``: fixed TrainConfig options / head params of every trial.
-    """
-
-    grids: tuple[Mapping[str, tuple[Any, ...]], ...]
-    name: str = "sweep"  # prefix of the sweep id
-    seeds: tuple[int, ...] = (0,)  # every configuration runs once per seed
-    train: Mapping[str, Any] = field(default_factory=dict)  # fixed TrainConfig options (epochs, batch_size, ...)
-    params: Mapping[str, Any] = field(default_factory=dict)  # fixed head params
-    target: str | None = None  # targets/<name>; None = the cache's only target
-    task: str | None = None  # classify | regress; None = from the head or the target
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ConfigError(f"sweep name {self.name!r}: use letters, digits, '_', '-', '.'")
-        if not self.grids:
-            raise ConfigError("the sweep has no grid: give --arch (and --set axes) or a config with `grid:`")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must be distinct and non-empty; got {list(self.seeds)}")
-        bad_train = sorted(set(self.train) - set(TRAIN_KEYS))
-        if bad_train:
-            raise ConfigError(f"train: unknown option(s) {bad_train}; TrainConfig takes {sorted(TRAIN_KEYS)}")
-        for i, grid in enumerate(self.grids):
-            if "arch" not in grid:
-                raise ConfigError(f"grid[{i}] has no `arch` axis (which heads to train)")
-            if "seed" in grid:
-                raise ConfigError("`seed` is not a grid axis: use `seeds: N` (or --seeds N)")
-            if "params" in grid:
-                raise ConfigError("grid axes are head params directly (hidden: [96, 144]), not under `params`")
-        self.trials()  # builds (and so validates) every TrainConfig and every head's params
-
-    # -- expansion ---------------------------------------------------------------------------
-
-    def trials(self) -> list[Trial]:
-        """Every configuration x seed, in grid order then seed order. Duplicates (same resolved config) once."""
-        from pipeline.registry import HEADS
-
-        out: list[Trial] = []
-        seen: set[str] = set()
-        for grid in self.grids:
-            axes = list(grid)
-            for values in itertools.product(*(grid[a] for a in axes)):
-                point = dict(zip(axes, values))
-                train = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}}
-                params = {**self.params, **{k: v for k, v in point.items() if k not in TRAIN_KEYS}}
-                swept = tuple((k, v) for k, v in point.items() if k != "arch")
-                for seed in self.seeds:
-                    data = {"target": self.target, "task": self.task, "device": self.device, **train,
-                            "params": params, "seed": seed}
-                    config = cfg.build(cfg.TrainConfig, {k: v for k, v in data.items() if v is not None},
-                                       source=f"sweep {self.name!r} grid point {point}")
-                    family = HEADS.get(config.arch)  # unknown head -> ConfigError listing the heads
-                    family.resolve_params(config.params)  # unknown head param -> ConfigError naming it
-                    if config.task is not None and config.task not in family.tasks:
-                        raise ConfigError(f"head {config.arch!r} does not do {config.task}; it does {family.tasks}")
-                    key = json.dumps(cfg.to_dict(config), sort_keys=True, default=str)
-                    if key not in seen:
-                        seen.add(key)
-                        out.append(Trial(config=config, swept=swept))
-        return out
-
-    # -- records -----------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "target": self.target,
-            "task": self.task,
-            "device": self.device,
-            "seeds": list(self.seeds),
-            "train": dict(self.train),
-            "params": dict(self.params),
-            "grid": [{k: list(v) for k, v in g.items()} for g in self.grids],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "sweep spec") -> "SweepSpec":
-        unknown = sorted(set(data) - set(SPEC_KEYS))
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; a sweep spec takes {list(SPEC_KEYS)}")
-        grid = data.get("grid")
-        if isinstance(grid, Mapping):
-            grid = [grid]
-        if not isinstance(grid, list) or not all(isinstance(g, Mapping) for g in grid):
-            raise ConfigError(f"{source}: `grid` must be a mapping of axes or a list of them")
-        for key in ("train", "params"):
-            if not isinstance(data.get(key) or {}, Mapping):
-                raise ConfigError(f"{source}: `{key}` must be a mapping")
-        seeds = data.get("seeds", 1)
-        return cls(
-            grids=tuple({str(k): _axis_values(str(k), v) for k, v in g.items()} for g in grid),
-            name=str(data.get("name") or "sweep"),
-            seeds=_parse_seeds(seeds, source=source),
-            train={k: _coerce(v) for k, v in (data.get("train") or {}).items()},
-            params={k: _coerce(v) for k, v in (data.get("params") or {}).items()},
-            target=data.get("target"),
-            task=data.get("task"),
-            device=data.get("device") or "auto",
-        )
-
-    def sweep_id(self, cache_keys: Sequence[str]) -> str:
-        """Stable id of (spec, caches): rerunning the same sweep updates the same record."""
-        return f"{self.name}-{_digest({'spec': self.to_dict(), 'caches': sorted(cache_keys)})}"
-
-
-def _parse_seeds(seeds: Any, *, source: str) -> tuple[int, ...]:
-    """``seeds: N`` -> 0..N-1; ``seeds: [0, 7]`` -> those seeds."""
-    if isinstance(seeds, bool):
-        raise ConfigError(f"{source}: seeds must be a count or a list of seeds; got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"{source}: seeds must be >= 1; got {seeds}")
-        return tuple(range(seeds))
-    if isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        return tuple(seeds)
-    raise ConfigError(f"{source}: seeds must be a count or a list of integers; got {seeds!r}")
-
-
-def sweep_spec_from_cli(*, config_path: str | None, arch: str | None, sets: Sequence[str], seeds: int | None,
-                        epochs: int | None, target: str | None, task: str | None,
-                        device: str | None) -> SweepSpec:
-    """defaults < sweep YAML < command line.
-
-    Without ``config_path``: one grid ``{arch: --arch values, axis: --set values...}``. With it:
-    ``--arch`` keeps only the sub-grids (and arch values) named; ``--set`` replaces that axis in
-    every sub-grid; ``--seeds`` / ``--epochs`` / ``--target`` / ``--task`` / ``--device`` override.
-    """
-    axes: dict[str, tuple[Any, ...]] = {}
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=v1,v2,..., e.g. --set hidden=96,144,288")
-        key, raw = item.split("=", 1)
-        axes[key.strip()] = parse_axis(raw)
-    archs = tuple(a.strip() for a in arch.split(",") if a.strip()) if arch else ()
-
-    if config_path:
-        data = cfg.read_yaml(config_path)
-        data.setdefault("name", Path(config_path).stem.replace("_", "-"))
-        spec = SweepSpec.from_dict(data, source=str(config_path))
-        grids = list(spec.grids)
-        if archs:
-            grids = [{**g, "arch": tuple(a for a in g["arch"] if a in archs)} for g in grids]
-            grids = [g for g in grids if g["arch"]]
-            if not grids:
-                raise ConfigError(f"--arch {arch}: {config_path} has no sub-grid with those heads")
-        grids = [{**g, **axes} for g in grids]
-    else:
-        if not archs:
-            raise ConfigError("give --config configs/sweeps/NAME.yaml or --arch NAME[,NAME...] (with --set axes)")
-        spec = SweepSpec(grids=({"arch": archs, **axes},))
-        grids = list(spec.grids)
-    train = dict(spec.train)
-    if epochs is not None:
-        train["epochs"] = epochs
-    return dataclasses.replace(
-        spec,
-        grids=tuple(grids),
-        seeds=tuple(range(seeds)) if seeds is not None else spec.seeds,
-        train=train,
-        target=target if target is not None else spec.target,
-        task=task if task is not None else spec.task,
-        device=device if device is not None else spec.device,
-    )
 
 
 # --------------------------------------------------------------------------- running
@@ -419,8 +143,8 @@ class _Plan:
 
     reader: Any
     key: str
-    todo: list[tuple[Trial, str]] = field(default_factory=list)  # (trial, run id)
-    done: list[tuple[Trial, str]] = field(default_factory=list)
+    todo: list[tuple[TrialConfig, str]] = field(default_factory=list)  # (trial, run id)
+    done: list[tuple[TrialConfig, str]] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)  # all of them, in trial order (stable across reruns)
 
 
@@ -607,8 +331,10 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
     if per_object_regress and "targets/eta" in available and "eta" not in targets:
         targets.append("eta")  # only for the eta-binned resolution in object_metrics.json
     t0 = time.perf_counter()
+    # every trial's resolved budget (from `train:` or a --set axis) holds: the smallest one given
+    budgets = [t.config.memory_budget_gb for t, _ in plan.todo if t.config.memory_budget_gb is not None]
     features = T.load_features(cache=plan.reader, arrays=arrays, targets=targets, device=device,
-                               memory_budget_gb=spec.train.get("memory_budget_gb"))
+                               memory_budget_gb=min(budgets, default=None))
     load_seconds = time.perf_counter() - t0
     record["timings"]["load_seconds"] += load_seconds
     for c in record["caches"]:
@@ -618,7 +344,7 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
     from pipeline.results import records as R
 
     claims: dict[str, Any] = {}
-    deferred: list[tuple[Trial, str]] = []
+    deferred: list[tuple[TrialConfig, str]] = []
 
     def recorded_elsewhere(rid: str) -> bool:
         if (runs_dir / R.RESULTS_SUBDIR / f"{rid}.parquet").exists():  # another sweep recorded it meanwhile
@@ -626,7 +352,7 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
             return True
         return False
 
-    def claim(todo: list[tuple[Trial, str]], *, wait: bool) -> list[tuple[Trial, str]]:
+    def claim(todo: list[tuple[TrialConfig, str]], *, wait: bool) -> list[tuple[TrialConfig, str]]:
         """The runs this process may train: locked by it and still unrecorded (concurrent sweeps)."""
         mine = []
         for trial, rid in todo:
@@ -648,7 +374,7 @@ def _run_cache(*, plan: _Plan, spec: SweepSpec, runs_dir: Path, device: Any, str
             lock.release()
 
     try:
-        groups: dict[str, list[tuple[Trial, str]]] = {}
+        groups: dict[str, list[tuple[TrialConfig, str]]] = {}
         for trial, rid in claim(plan.todo, wait=False):
             groups.setdefault(_stack_key(trial.config), []).append((trial, rid))
         _train_groups(groups=groups, features=features, plan=plan, runs_dir=runs_dir, device=device,
@@ -702,7 +428,7 @@ def _run_lock(runs_dir: Path, run_id: str) -> _RunLock:
     return _RunLock(Path(runs_dir) / ".locks" / f"{run_id}.lock")
 
 
-def _train_groups(*, groups: dict[str, list[tuple[Trial, str]]], features: Any, plan: _Plan, runs_dir: Path,
+def _train_groups(*, groups: dict[str, list[tuple[TrialConfig, str]]], features: Any, plan: _Plan, runs_dir: Path,
                   device: Any, strategy: str, sweep_id: str, record: dict[str, Any],
                   on_recorded: Callable[[Any], None], progress: bool = False) -> None:
     import shutil
@@ -778,7 +504,7 @@ def _stack_problem(*, configs: Sequence[cfg.TrainConfig], features: Any) -> tupl
     return None, task
 
 
-def _choose_strategy(*, members: Sequence[Trial], features: Any, device: Any,
+def _choose_strategy(*, members: Sequence[TrialConfig], features: Any, device: Any,
                      strategy: str) -> tuple[str, dict[str, float], str]:
     """-> (stacked | in-turn, what was measured, why). ``auto`` measures a few steps of both ways."""
     if strategy == "in-turn":
