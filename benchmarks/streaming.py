@@ -64,7 +64,7 @@ def build(root: Path, *, n: int, d: int) -> Path:
     return path
 
 
-def child(path: str, budget_gb: float | None, epochs: int) -> None:
+def child(path: str, budget_gb: float | None, epochs: int, arch: str) -> None:
     import torch
 
     from cache.reader import open_cache
@@ -77,14 +77,15 @@ def child(path: str, budget_gb: float | None, epochs: int) -> None:
     warm = FeatureSet.from_tensors(arrays={"pooled/mean": rng.standard_normal((64, 8)).astype(np.float32)},
                                    targets={"y": (np.arange(64) % 2).astype(np.float32)},
                                    split=(np.arange(64) % 3).astype(np.uint8), device=torch.device("cpu"))
-    fit(config=TrainConfig(arch="linear", task="classify", target="y", epochs=1), features=warm)
-    base = _rss_mb()
+    fit(config=TrainConfig(arch=arch, task="classify", target="y", epochs=1), features=warm)
     reader = open_cache(path)
+    reader.split_codes  # zarr's lazy imports and the open store count in the base too, not in either way
+    base = _rss_mb()
     t0 = time.perf_counter()
     feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=torch.device("cpu"),
                           memory_budget_gb=budget_gb)
     load_s = time.perf_counter() - t0
-    res = fit(config=TrainConfig(arch="linear", task="classify", target="y", epochs=epochs, batch_size=1024,
+    res = fit(config=TrainConfig(arch=arch, task="classify", target="y", epochs=epochs, batch_size=1024,
                                  lr=1e-2, patience=0), features=feats)
     epoch_s = [row["seconds"] for row in res.history]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -99,11 +100,13 @@ def main() -> None:
     ap.add_argument("--budget-frac", type=float, default=None,
                     help="Budget as a share of the float32 size [0.25; 0.5 with --quick, whose chunks are large for it].")
     ap.add_argument("--keep", type=Path, default=None, help="Build the cache here (and keep it).")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="linear-sgd",
+                    help="An epoch-trained head [linear-sgd; mlp2 ...]; not the full-batch linear probe.")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        path, budget, epochs = args.child
-        child(path, None if budget == "none" else float(budget), int(epochs))
+        path, budget, epochs, arch = args.child
+        child(path, None if budget == "none" else float(budget), int(epochs), arch)
         return
     n, d = (100_000, 256) if args.quick else (400_000, 256)
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="ftpipe-stream-bench-"))
@@ -115,7 +118,7 @@ def main() -> None:
           f"built in {time.perf_counter() - t0:.1f} s; streaming budget {budget * 1e3:.0f} MB")
     out = {}
     for name, b in (("in-memory", "none"), ("streamed", str(budget))):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(path), b, str(args.epochs)],
+        proc = subprocess.run([sys.executable, __file__, "--child", str(path), b, str(args.epochs), args.arch],
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if proc.returncode:
             sys.exit(f"{name} child failed:\n{proc.stderr[-3000:]}")

@@ -54,7 +54,7 @@ def _budget_gb(reader) -> float:
 
 
 @pytest.mark.parametrize("which,arch,task,metric", [
-    ("cancer", "linear", "classify", "auroc"),
+    ("cancer", "linear-sgd", "classify", "auroc"),
     ("cancer", "lightgbm", "classify", "auroc"),
     ("diabetes", "mlp", "regress", "mse"),
 ])
@@ -108,13 +108,13 @@ def test_train_head_cli_streams_over_budget(tmp_path):
 
     path = sklearn_cache(tmp_path / "c", "cancer")
     budget = _budget_gb(open_cache(path))
-    r = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear", "--target", "y",
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear-sgd", "--target", "y",
                                   "--epochs", "8", "--lr", "5e-3", "--batch-size", "32", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                   "--memory-budget-gb", str(budget), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["metrics"]["test"]["auroc"] > 0.95
-    tiny = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear", "--target", "y",
+    tiny = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear-sgd", "--target", "y",
                                      "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                      "--memory-budget-gb", "1e-7"])
     assert tiny.exit_code == 2
