@@ -79,7 +79,7 @@ def child(path: str, budget_gb: float | None, epochs: int, arch: str) -> None:
                                    split=(np.arange(64) % 3).astype(np.uint8), device=torch.device("cpu"))
     fit(config=TrainConfig(arch=arch, task="classify", target="y", epochs=1), features=warm)
     reader = open_cache(path)
-    reader.split_codes  # zarr's lazy imports and the open store count in the base too, not in either way
+    _ = reader.split_codes  # zarr's lazy imports and the open store count in the base too, not in either way
     base = _rss_mb()
     t0 = time.perf_counter()
     feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=torch.device("cpu"),

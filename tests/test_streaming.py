@@ -86,6 +86,16 @@ def test_streamed_head_matches_in_memory(tmp_path, which, arch, task, metric):
         assert scores["streamed"].min() > 0.95  # the real task is learnt, not just "as bad as" memory
 
 
+def test_full_batch_linear_probe_on_a_streamed_cache_names_the_streaming_head(tmp_path):
+    from pipeline.errors import TrainError
+
+    reader = open_cache(sklearn_cache(tmp_path, "cancer"))
+    streamed = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,
+                             memory_budget_gb=_budget_gb(reader))
+    with pytest.raises(TrainError, match="linear probe solves on the whole .* use --arch linear-sgd"):
+        fit(config=TrainConfig(arch="linear", task="classify", target="y"), features=streamed)
+
+
 def test_epoch_order_visits_every_train_row_once_block_by_block(tmp_path):
     reader = open_cache(sklearn_cache(tmp_path, "cancer"))
     feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,

@@ -255,7 +255,7 @@ def plan_blocks(*, cache: Any, arrays: list[str], budget: int, widen: bool) -> t
 
     def sizes(rows: int) -> tuple[int, int]:  # (slot bytes, staging bytes) for blocks of ``rows``
         slot = staging = 0
-        for name, s in specs.items():
+        for s in specs.values():
             if s.ragged is None:
                 m = rows
             else:
@@ -267,7 +267,7 @@ def plan_blocks(*, cache: Any, arrays: list[str], budget: int, widen: bool) -> t
 
     most = max(1, -(-n // chunk))
     for ahead in range(READ_AHEAD, 0, -1):
-        def fits(k: int) -> bool:
+        def fits(k: int, ahead: int = ahead) -> bool:
             slot, staging = sizes(min(n, k * chunk))
             return slot <= MAX_BLOCK_BYTES and fixed + (ahead + 1) * slot + staging <= budget
 
