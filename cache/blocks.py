@@ -91,6 +91,7 @@ class BlockReader:
         self._held: collections.OrderedDict[int, tuple[Future, int]] = collections.OrderedDict()
         self._order: list[int] = []
         self._pos: dict[int, int] = {}
+        self._cursor = 0  # the furthest schedule position asked for: an earlier block is off-schedule
         self.blocks_read = 0
 
     # ---------------------------------------------------------------- sizes
@@ -179,12 +180,17 @@ class BlockReader:
         """The blocks the coming epoch will ask for, in order; starts reading the first ones."""
         self._order = [int(b) for b in order]
         self._pos = {b: i for i, b in enumerate(self._order)}
+        self._cursor = 0
         self._window(self._order[: self.ahead + 1])
 
     def get(self, b: int) -> Any:
         b = int(b)
         p = self._pos.get(b)
-        # scheduled: the schedule's next blocks; otherwise (evaluation walks sorted rows) the following ones
+        if p is not None and p >= self._cursor:
+            self._cursor = p
+        else:
+            p = None  # behind the schedule (an evaluation after the epoch, walking sorted rows)
+        # scheduled: the schedule's next blocks; otherwise the following ones
         upcoming = self._order[p + 1 : p + 1 + self.ahead] if p is not None else [
             nb for nb in range(b + 1, b + 1 + self.ahead) if nb < self.n_blocks]
         self._window([b] + [nb for nb in upcoming if nb != b])
