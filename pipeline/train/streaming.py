@@ -101,6 +101,16 @@ class StreamedFeatureSet(FeatureSet):
                 else:
                     self._pad(out, n, a.select(idx))
             return out
+        if not len(r):
+            out = {}
+            for n in names:
+                spec = self.specs[n]
+                if spec.ragged is None:
+                    out[n] = torch.empty((0, *spec.inner_shape), device=self.device)
+                else:
+                    out[n] = torch.empty((0, 0, *spec.inner_shape), device=self.device)
+                    out[f"{spec.ragged}/mask"] = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+            return out
         br = self.blocks.block_rows
         which = r // br
         pos = self.blocks._pos
