@@ -8,8 +8,12 @@
 #   2. extraction overhead on cuda: ftpipe extract vs bare forwards        (120 s)
 #   3. head vs frozen on cuda (benchmarks/head_vs_frozen.py)                (120 s)
 #   4. sweep on cuda: auto vs in-turn vs stacked (benchmarks/sweep.py)      (150 s)
-#   5. only with >= 2 GPUs: a 2-rank torchrun extraction (nccl), then the
+#   5. streamed vs in-memory head on cuda (benchmarks/streaming.py --quick): float16 blocks
+#      copied to the GPU and cast there, the budget read as device memory  (60 s)
+#   6. only with >= 2 GPUs: a 2-rank torchrun extraction (nccl), then the
 #      same extraction in one process, arrays compared byte for byte      (90 s)
+# The limits add up to more than 8 minutes with 2 GPUs, so every step is also cut to what is left of
+# BUDGET_S (default 470 s) and a step with under 10 s left is skipped (its log says so).
 # Run from the repository root with the environment that has ftpipe installed (python on PATH,
 # or PYTHON=/path/to/python). Nothing is downloaded; every input is generated.
 set -uo pipefail
@@ -19,10 +23,18 @@ OUT=${1:-gpu-bench-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
+DEADLINE=$((SECONDS + ${BUDGET_S:-470}))
 
 step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, never stop the script
     local name=$1 limit=$2
     shift 2
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 10 ]; then
+        echo "== $name: skipped (${left}s left of the time budget)" | tee "$OUT/$name.log"
+        status=1
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
     local t0=$SECONDS
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
@@ -44,6 +56,7 @@ step extract_overhead 120 "$PY" benchmarks/extract_overhead.py --device cuda --n
     --batch-size 256 --num-workers 4 --rounds 3
 step head_vs_frozen 120 "$PY" benchmarks/head_vs_frozen.py --device cuda --n 16384 --layers 6
 step sweep 150 "$PY" benchmarks/sweep.py --device cuda --strategies --n 16384 --epochs 5
+step streaming 60 "$PY" benchmarks/streaming.py --quick --device cuda --epochs 3
 
 if [ "$NGPU" -ge 2 ]; then
     W="$OUT/torchrun"

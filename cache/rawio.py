@@ -66,8 +66,12 @@ def _raw_geometry(z: Any) -> tuple[Path, str, tuple[int, ...], tuple[int, ...], 
     return base, tail, chunk_shape, shape, dtype
 
 
-def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False) -> np.ndarray | None:
+def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False,
+                             out: np.ndarray | None = None) -> np.ndarray | None:
     """Rows [lo, hi) read straight from the chunk files into the output, or None (use zarr).
+
+    ``out``: a C-contiguous buffer of at least ``hi - lo`` rows to read into (streamed blocks reuse
+    theirs instead of allocating one per block); its first ``hi - lo`` rows are returned.
 
     ``strict`` (stores whose units are all committed, where every chunk file was written): a missing
     chunk file or one of the wrong size raises ``ChunkFileError`` instead of reading as the fill value.
@@ -78,7 +82,11 @@ def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False) 
     base, tail, chunk_shape, shape, dtype = geo
     rows = chunk_shape[0]
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
+    if out is None or out.dtype != dtype or tuple(out.shape[1:]) != tuple(shape[1:]) or len(out) < hi - lo \
+            or not out.flags.c_contiguous:
+        out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
+    else:
+        out = out[: hi - lo]
     flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
     for i in range(lo // rows, (hi - 1) // rows + 1):
         a, b = max(lo, i * rows), min(hi, (i + 1) * rows)

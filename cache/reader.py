@@ -145,6 +145,7 @@ class CacheReader:
         self._index_cache: dict[str, np.ndarray] = {}
         self._zarrays: dict[str, Any] = {}
         self._extents: dict[str, list[tuple[int, int, int, str]]] | None = None
+        self._hashed: set[str] = set()  # arrays whose every unit ``verify_arrays`` has checked already
 
     def __repr__(self) -> str:
         return f"CacheReader({str(self.path)!r}, status={self.status!r}, n_samples={self.n_samples})"
@@ -290,6 +291,72 @@ class CacheReader:
                         f"{spec.name} does not match its checksum (stored rows {u_lo}-{u_hi - 1} changed on disk "
                         f"after extraction); {_REPAIR.format(key=self.key[:16])}")
         return data[lo - a : hi - a]
+
+    def verify_arrays(self, names: list[str], *, piece_bytes: int = 8 << 20) -> None:
+        """Check every unit of ``names`` against its checksum, reading at most ``piece_bytes`` (rounded
+        to whole chunks) at a time and hashing incrementally, so memory stays bounded whatever the unit
+        size; later ``read_block`` calls then skip the whole-unit reads and hashes (streamed heads
+        read blocks smaller than a unit, in a shuffled order, many times)."""
+        import hashlib
+
+        if not (self.verify and self.status == "complete"):
+            return
+        for name in names:
+            if name in self._hashed:
+                continue
+            spec, z = self.spec(name), self._zarray(name)
+            chunk = int(z.chunks[0]) or 1
+            step = max(chunk, (piece_bytes // max(1, spec.row_bytes)) // chunk * chunk)
+            extents = self._unit_extents()[name]
+            longest = max((e[1] - e[0] for e in extents), default=0)
+            buf = np.empty((min(step, longest), *spec.inner_shape), dtype=np.dtype(z.dtype))  # one, reused
+            for extent in extents:
+                u_lo, u_hi, _, digest = extent
+                h = hashlib.sha256()
+                for a in range(u_lo, u_hi, step):
+                    b = min(u_hi, a + step)
+                    piece = self._read_rows(spec, z, a, b, out=buf, units=[extent])
+                    h.update(memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8)) if piece.size else b"")
+                if h.hexdigest() != digest:
+                    raise CacheDamagedError(
+                        f"cache {self.path.name} is damaged: {self._unit_name(extent)}: array {name} does not match "
+                        f"its checksum (stored rows {u_lo}-{u_hi - 1} changed on disk after extraction); "
+                        f"{_REPAIR.format(key=self.key[:16])}")
+            self._hashed.add(name)
+
+    def read_block(self, name: str, lo: int, hi: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [lo, hi) of one array in storage dtype, into ``out`` when it fits (see rawio). On a
+        complete store a missing or short chunk file is a ``CacheDamagedError`` as for every read; the
+        checksums are compared here (whole units) unless ``verify_arrays`` already checked them."""
+        spec, z = self.spec(name), self._zarray(name)
+        if self.status == "complete" and self.verify and name not in self._hashed:
+            data = self._read(spec, lo, hi, raw=True)
+        else:
+            units = self._unit_extents()[name] if self.status == "complete" else []
+            return self._read_rows(spec, z, lo, hi, out=out, units=units)
+        if out is None or len(out) < hi - lo:
+            return data
+        out[: hi - lo] = data
+        return out[: hi - lo]
+
+    def _read_rows(self, spec: ArraySpec, z: Any, lo: int, hi: int, *, out: np.ndarray | None,
+                   units: list[tuple[int, int, int, str]]) -> np.ndarray:
+        """Rows [lo, hi) as stored, no checksum; strict (missing chunk files are damage) on a complete store."""
+        from cache.rawio import ChunkFileError
+
+        try:
+            data = _read_uncompressed_chunks(z, lo, hi, strict=self.status == "complete", out=out)
+        except ChunkFileError as exc:
+            bad = next((e for e in units if e[0] < exc.rows[1] and e[1] > exc.rows[0]), None)
+            raise CacheDamagedError(
+                f"cache {self.path.name} is damaged: {self._unit_name(bad)}: array {spec.name}: chunk file "
+                f"{_rel(exc.path, self.path)} {exc.problem}; {_REPAIR.format(key=self.key[:16])}") from None
+        if data is None:  # not the raw local layout (object stores, shards): zarr reads it
+            data = np.asarray(z[lo:hi])
+            if out is not None and len(out) >= hi - lo and out.dtype == data.dtype:
+                out[: hi - lo] = data
+                data = out[: hi - lo]
+        return data
 
     def _unit_name(self, extent: tuple[int, int, int, str] | None) -> str:
         if extent is None:

@@ -54,7 +54,7 @@ def _budget_gb(reader) -> float:
 
 
 @pytest.mark.parametrize("which,arch,task,metric", [
-    ("cancer", "linear", "classify", "auroc"),
+    ("cancer", "linear-sgd", "classify", "auroc"),
     ("cancer", "lightgbm", "classify", "auroc"),
     ("diabetes", "mlp", "regress", "mse"),
 ])
@@ -86,6 +86,16 @@ def test_streamed_head_matches_in_memory(tmp_path, which, arch, task, metric):
         assert scores["streamed"].min() > 0.95  # the real task is learnt, not just "as bad as" memory
 
 
+def test_full_batch_linear_probe_on_a_streamed_cache_names_the_streaming_head(tmp_path):
+    from pipeline.errors import TrainError
+
+    reader = open_cache(sklearn_cache(tmp_path, "cancer"))
+    streamed = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,
+                             memory_budget_gb=_budget_gb(reader))
+    with pytest.raises(TrainError, match="linear probe solves on the whole .* use --arch linear-sgd"):
+        fit(config=TrainConfig(arch="linear", task="classify", target="y"), features=streamed)
+
+
 def test_epoch_order_visits_every_train_row_once_block_by_block(tmp_path):
     reader = open_cache(sklearn_cache(tmp_path, "cancer"))
     feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,
@@ -108,14 +118,65 @@ def test_train_head_cli_streams_over_budget(tmp_path):
 
     path = sklearn_cache(tmp_path / "c", "cancer")
     budget = _budget_gb(open_cache(path))
-    r = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear", "--target", "y",
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear-sgd", "--target", "y",
                                   "--epochs", "8", "--lr", "5e-3", "--batch-size", "32", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                   "--memory-budget-gb", str(budget), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["metrics"]["test"]["auroc"] > 0.95
-    tiny = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear", "--target", "y",
+    tiny = CliRunner().invoke(main, ["train-head", "--cache", str(path), "--arch", "linear-sgd", "--target", "y",
                                      "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                      "--memory-budget-gb", "1e-7"])
     assert tiny.exit_code == 2
     assert tiny.output.count("\n") == 1 and "too small even to stream" in tiny.output
+
+
+def ragged_cache(root: Path) -> Path:
+    """Breast-cancer samples as ragged sequences: 1-6 noisy copies of each (standardised) sample's features."""
+    from sklearn import datasets
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = datasets.load_breast_cancer(return_X_y=True)
+    x = StandardScaler().fit_transform(x)
+    n, d = x.shape
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 7, size=n)
+    steps = np.repeat(x, lengths, axis=0) + 0.3 * rng.standard_normal((int(lengths.sum()), d))
+    split = rng.choice(3, size=n, p=[0.6, 0.2, 0.2]).astype(np.uint8)
+    schema = CacheSchema(n_samples=n, arrays=(
+        ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+        ArraySpec("targets/y", "float32", fill=float("nan")),
+        ArraySpec("seq/embed", "float16", (d,), ragged="seq"),
+    ), ragged_lengths={"seq": lengths})
+    record = {"test": "streaming-ragged"}
+    path = create_cache(root=root, key=make_key(record), key_record=record, schema=schema, attrs={"backbone": "t"},
+                        unit_rows=32)
+    with CacheWriter(path, background=False) as w:
+        w.write_batch(0, {"sample_id": np.arange(n), "split": split, "targets/y": y.astype(np.float32),
+                          "seq/embed": steps.astype(np.float16)})
+        assert w.finalize()
+    return path
+
+
+def test_ragged_arrays_stream_with_the_same_metrics_as_in_memory(tmp_path):
+    reader = open_cache(ragged_cache(tmp_path))
+    total, d = reader.shape("seq/embed")
+    budget = 0.45 * (total * d * 4 + reader.n_samples * (16 + 4)) / 1e9  # below the arrays' size
+    mem = load_features(cache=reader, arrays=["seq/embed"], targets=["y"], device=CPU)
+    streamed = load_features(cache=reader, arrays=["seq/embed"], targets=["y"], device=CPU, memory_budget_gb=budget)
+    assert isinstance(streamed, StreamedFeatureSet) and not isinstance(mem, StreamedFeatureSet)
+    assert streamed.blocks.n_blocks >= 3 and streamed.nbytes() < budget * 1e9
+    # padded values and masks equal to the in-memory batch, for rows spread over every block, in any order
+    rows = torch.from_numpy(np.random.default_rng(1).permutation(reader.n_samples)[:200])
+    got, want = streamed.batch(["seq/embed"], rows), mem.batch(["seq/embed"], rows)
+    assert set(got) == set(want) == {"seq/embed", "seq/mask"}
+    torch.testing.assert_close(got["seq/mask"], want["seq/mask"])
+    torch.testing.assert_close(got["seq/embed"], want["seq/embed"])
+    scores = {}
+    for name, feats in (("mem", mem), ("streamed", streamed)):
+        scores[name] = np.array([fit(config=TrainConfig(arch="attn-pool", task="classify", target="y", epochs=6,
+                                                        lr=3e-3, batch_size=32, seed=seed, params={"hidden": 16}),
+                                     features=feats).metrics["test"]["auroc"] for seed in (0, 1)])
+    noise = max(float(np.ptp(scores["mem"])), 0.02 * abs(float(scores["mem"].mean())))
+    assert abs(scores["streamed"].mean() - scores["mem"].mean()) <= 3 * noise + 1e-9, scores
+    assert scores["streamed"].min() > 0.95, scores

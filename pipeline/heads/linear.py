@@ -120,6 +120,13 @@ class LinearProbe:
     def matrix(self, *, features: "FeatureSet", rows: "torch.Tensor") -> "torch.Tensor":
         import torch
 
+        spare = getattr(features, "spare_bytes", None)  # a cache streamed over the memory budget
+        need = int(rows.numel()) * self.d * (8 if self.params["dtype"] == "float64" else 4)
+        if spare is not None and need > spare():
+            raise TrainError(f"the linear probe solves on the whole {int(rows.numel())}-row matrix at once "
+                             f"({need / 1e9:.3f} GB), which does not fit the memory budget of this streamed cache; "
+                             "use --arch linear-sgd (the same model trained by minibatch SGD, which streams) or "
+                             "raise --memory-budget-gb")
         b = features.batch(self.inputs, rows)
         x = b[self.inputs[0]] if len(self.inputs) == 1 else torch.cat([b[n] for n in self.inputs], dim=1)
         return x.to(self._dtype)
