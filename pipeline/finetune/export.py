@@ -227,7 +227,11 @@ def _write_torchscript(plan: Plan, tmp: Path, meta: str) -> float:
     import torch
 
     try:
-        traced = torch.jit.trace(plan.module, plan.examples[0].xs, check_trace=False)
+        with warnings.catch_warnings():
+            # shape-dependent Python in the heads warns while tracing; the check batches (other batch and
+            # padding sizes) are what tell whether the trace generalises
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(plan.module, plan.examples[0].xs, check_trace=False)
         torch.jit.save(traced, str(tmp), _extra_files={META_NAME: meta})
     except Exception as exc:  # tracing failures are many and varied; the user needs the first line
         raise ExportError(f"torchscript tracing failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
