@@ -95,7 +95,9 @@ def _junk_padding(xs: list[torch.Tensor], dims: dict, names: list[str], extra: i
 # --------------------------------------------------------------------------- every format, reloaded
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "export", "onnx"])
+# torch.export and the ONNX exporter take ~10-20 s of CPU each on these tiny models (the tracing itself)
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("export", marks=pytest.mark.slow),
+                                 pytest.param("onnx", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", ["maskformer", "setvae"])
 def test_exported_model_matches_the_python_batched_path(request: pytest.FixtureRequest, tmp_path: Path,
                                                         family: str, fmt: str):
@@ -214,3 +216,51 @@ def test_predict_on_data_without_the_models_inputs_is_one_line(maskformer_probe:
     lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output and "hit_y" in lines[0]
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the padded forwards themselves
+
+
+def test_setvae_padded_forward_equals_the_flat_forward():
+    from pipeline.backbones.setvae import SeqSetVAE, make_set_batch, padded_sets, pool_sequence
+
+    torch.manual_seed(0)
+    model = SeqSetVAE(n_variables=10, dim=16, latent_dim=4, num_heads=2, depth=2).eval()
+    rng = np.random.default_rng(1)
+
+    def stay(n_sets: int) -> dict:
+        sizes = rng.integers(1, 5, n_sets)
+        return {"variable": rng.integers(0, 10, sizes.sum()), "value": rng.normal(size=sizes.sum()),
+                "set_size": sizes, "set_time": np.sort(rng.uniform(0, 48, n_sets))}
+
+    flat = make_set_batch([stay(3), stay(0), stay(6)])
+    with torch.no_grad():
+        ref = model(flat)
+        variable, value, set_time, event_mask = padded_sets(flat)
+        h, mu, logvar, set_mask = model.forward_padded(variable, value, set_time, event_mask)
+        assert torch.equal(set_mask, ref.mask) and torch.allclose(h[set_mask], ref.h[ref.mask], atol=1e-5)
+        assert torch.allclose(mu[set_mask], ref.set_mu, atol=1e-5) and not mu[~set_mask].any()
+        # a gap: the third stay's sets spread over 9 slots with empty slots between; valid steps unchanged
+        spread = torch.tensor([0, 2, 3, 5, 6, 8])
+        v2, x2, t2, m2 = (torch.zeros((1, 9) + a.shape[2:], dtype=a.dtype) for a in (variable, value, set_time, event_mask))
+        v2[0, spread], x2[0, spread], t2[0, spread], m2[0, spread] = variable[2, :6], value[2, :6], set_time[2, :6], event_mask[2, :6]
+        h2, _, _, sm2 = model.forward_padded(v2, x2, t2, m2)
+        assert torch.allclose(h2[sm2], ref.h[2][ref.mask[2]], atol=1e-5)
+        assert torch.allclose(pool_sequence(h2, sm2)["last"][0], pool_sequence(ref.h, ref.mask)["last"][2], atol=1e-5)
+
+
+def test_maskformer_ignores_what_padding_holds():
+    from pipeline.backbones.maskformer import MaskFormer
+
+    torch.manual_seed(0)
+    model = MaskFormer(n_features=3, dim=16, num_heads=2, encoder_layers=1, decoder_layers=1, num_queries=4,
+                       mlp_ratio=2).eval()
+    hits = torch.randn(2, 5, 3)
+    mask = torch.tensor([[True, True, True, False, False], [False] * 5])
+    junk = hits.clone()
+    junk[~mask] = torch.tensor([1e6, float("nan"), -1e9])
+    with torch.no_grad():
+        a, b = model(hits * mask.unsqueeze(-1), mask), model(junk, mask)
+    for k in ("objects", "valid_logit"):
+        assert torch.allclose(a[k], b[k]) and torch.isfinite(b[k]).all()
+    assert torch.allclose(a["hits"][mask], b["hits"][mask])
