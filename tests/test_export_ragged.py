@@ -199,6 +199,21 @@ def test_predict_setvae_reproduces_the_cached_run(setvae_probe: dict, tmp_path: 
     assert np.array_equal(preds["pred_class"][stored["row"]], stored["pred_class"])
 
 
+def test_predict_reproduces_a_finetuned_setvae_run(setvae_probe: dict, tmp_path: Path):
+    # the fine-tuned backbone (backbone.safetensors) is what gets exported, not the checkpoint's
+    ft = _cli("finetune", "--run", setvae_probe["run_id"], "--runs-dir", str(setvae_probe["runs"]), "--cache-root",
+              str(setvae_probe["cache_root"]), "--strategy", "full", "--epochs", "1", "--lr", "3e-3",
+              "--batch-size", "8", "--device", "cpu")
+    model = tmp_path / "ft.pt"
+    _cli("export", "--run", ft["run_id"], "--runs-dir", str(setvae_probe["runs"]), "--cache-root",
+         str(setvae_probe["cache_root"]), "--out", str(model))
+    preds = _predict(model, setvae_probe["data"], tmp_path / "p.parquet", batch_size=16)
+    stored = _stored({**setvae_probe, "run_id": ft["run_id"]})
+    probe = _stored(setvae_probe)
+    assert np.max(np.abs(preds["prob_1"][stored["row"]] - stored["prob_1"])) < 1e-5  # the fine-tune's own float path
+    assert np.max(np.abs(stored["prob_1"] - probe["prob_1"])) > 1e-3  # and the backbone did move
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -55,14 +55,17 @@ class ExportResult:
     inputs: tuple[str, ...]
     max_abs_diff: float
     seconds: float
+    checks: int = 2  # check batches compared with torch
+    outputs: tuple[str, ...] = ("prediction",)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "format": self.fmt, "run_id": self.run_id, "inputs": list(self.inputs),
-                "max_abs_diff": self.max_abs_diff, "seconds": self.seconds}
+                "outputs": list(self.outputs), "max_abs_diff": self.max_abs_diff, "seconds": self.seconds,
+                "checks": self.checks}
 
     def summary(self) -> str:
         return (f"exported run {self.run_id} as {self.fmt} to {self.out} (inputs {', '.join(self.inputs)}; checked "
-                f"against torch on two batches: max |diff| {self.max_abs_diff:.2g}; {self.seconds:.1f} s)")
+                f"against torch on {self.checks} batches: max |diff| {self.max_abs_diff:.2g}; {self.seconds:.1f} s)")
 
 
 def _inference_module(*, model: Any, task: Any, keys: tuple[str, ...]) -> Any:
@@ -342,4 +345,4 @@ def export_run(*, run_id: str, runs_dir: Path, out: Path, fmt: str = "torchscrip
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     log.info("exported %s (%s) to %s", run_id, fmt, out)
     return ExportResult(out=out, fmt=fmt, run_id=run_id, inputs=keys, max_abs_diff=diff,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, checks=len(plan.examples), outputs=tuple(plan.outputs))
