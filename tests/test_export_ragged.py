@@ -113,6 +113,11 @@ def test_exported_model_matches_the_python_batched_path(request: pytest.FixtureR
     want_inputs = {"maskformer": ["hits", "hit_mask"], "setvae": ["variable", "value", "set_time", "event_mask"]}
     assert out["inputs"] == pad["inputs"] == want_inputs[family]
     assert meta["outputs"] == (["prediction", "object_mask"] if family == "maskformer" else ["prediction"])
+    if fmt == "onnx":  # the graph's own names are the signature's (deploy code binds inputs by name)
+        import onnx
+
+        graph = onnx.load(str(model)).graph
+        assert [i.name for i in graph.input] == pad["inputs"] and [o.name for o in graph.output] == meta["outputs"]
 
     run = _load(probe)
     eager = PaddedModel(run=run, family=family).eval()
@@ -252,7 +257,7 @@ def test_setvae_padded_forward_equals_the_flat_forward():
     with torch.no_grad():
         ref = model(flat)
         variable, value, set_time, event_mask = padded_sets(flat)
-        h, mu, logvar, set_mask = model.forward_padded(variable, value, set_time, event_mask)
+        h, mu, _, set_mask = model.forward_padded(variable, value, set_time, event_mask)
         assert torch.equal(set_mask, ref.mask) and torch.allclose(h[set_mask], ref.h[ref.mask], atol=1e-5)
         assert torch.allclose(mu[set_mask], ref.set_mu, atol=1e-5) and not mu[~set_mask].any()
         # a gap: the third stay's sets spread over 9 slots with empty slots between; valid steps unchanged
