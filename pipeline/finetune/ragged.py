@@ -23,8 +23,8 @@ filled with their schema fill at padded positions plus ``<group>/mask``, the hea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
