@@ -382,11 +382,14 @@ def test_lightgbm_head_cannot_be_exported_or_finetuned(bn_probe: dict, tmp_path:
     assert "lightgbm" in line and "fine-tuned" in line
 
 
-def test_ragged_backbone_export_is_refused_without_a_file(tmp_path: Path):
+def test_class_path_on_parquet_groups_export_is_refused_without_a_file(tmp_path: Path):
+    """maskformer and setvae export through their padded forward (tests/test_export_ragged.py); a class_path module
+    fed the Parquet reader's flat groups has none, and is refused with one line."""
     from pipeline.finetune.export import ExportError, export_inputs
 
-    class Run:  # what export_inputs reads from a loaded maskformer run
-        backbone_name = "maskformer"
+    class Run:  # what export_inputs reads from a loaded class_path run on ragged data
+        backbone_name = "mypkg.EventNet"
+        family = None
         lengths = {"hits": np.ones(3, dtype=np.int64)}
 
         class extract_config:
@@ -394,7 +397,7 @@ def test_ragged_backbone_export_is_refused_without_a_file(tmp_path: Path):
                 format = "parquet"
                 inputs = ["hits"]
 
-    with pytest.raises(ExportError, match="cannot be exported to onnx"):
+    with pytest.raises(ExportError, match="cannot be exported to onnx.*padded forward of maskformer and setvae"):
         export_inputs(Run(), fmt="onnx")
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.schema import LOGIT_FILL
 from pipeline import blocks as pooling
 from pipeline.backbones.base import (
     STAGE_ONE_RULES,
@@ -155,6 +156,9 @@ class MaskFormer(nn.Module):
         self.assign_hit = nn.Linear(dim, dim)
 
     def forward(self, hits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        # padded hits may hold anything (an exported model's caller pads): zero them, as pad_flat does, so a
+        # huge or NaN pad value cannot leak through the finite attention bias
+        hits = hits.masked_fill(~mask.unsqueeze(-1), 0.0)
         x = self.input_net((hits - self.input_mean) / self.input_std)
         for layer in self.encoder:
             x = layer(x, mask)
@@ -165,8 +169,6 @@ class MaskFormer(nn.Module):
         q = self.decoder_norm(q)
         valid = self.valid_net(q).squeeze(-1)
         assign = torch.einsum("bqd,bld->bql", self.assign_query(q), self.assign_hit(x)) / math.sqrt(self.dim)
-        from cache.schema import LOGIT_FILL
-
         assign = assign.masked_fill(~mask[:, None, :], LOGIT_FILL)
         return {"objects": q, "valid_logit": valid, "hits": x, "assign_logits": assign}
 

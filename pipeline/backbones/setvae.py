@@ -108,6 +108,32 @@ def check_set_batch(batch: SetBatch) -> None:
         raise DataError("setvae: a set has no events (set_size 0); drop empty sets from the data")
 
 
+def padded_sets(batch: SetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flat :class:`SetBatch` -> the inputs of :meth:`SeqSetVAE.forward_padded`: ``variable``, ``value``,
+    ``event_mask`` (B, S, E) and ``set_time`` (B, S), right padded to the batch's most sets and most events per
+    set (at least 1 each, so that a batch of empty samples still has a shape). Returned in that signature's
+    order: variable, value, set_time, event_mask."""
+    b, n = batch.n_sets.numel(), batch.set_size.numel()
+    device = batch.variable.device
+    s = max(1, int(batch.n_sets.max()) if b else 1)
+    e = max(1, int(batch.set_size.max()) if n else 1)
+    sample_of_set = torch.repeat_interleave(torch.arange(b, device=device), batch.n_sets)
+    slot_of_set = torch.arange(n, device=device) - (torch.cumsum(batch.n_sets, 0) - batch.n_sets)[sample_of_set]
+    set_of_event = torch.repeat_interleave(torch.arange(n, device=device), batch.set_size)
+    slot_of_event = (torch.arange(batch.variable.numel(), device=device)
+                     - (torch.cumsum(batch.set_size, 0) - batch.set_size)[set_of_event])
+    where = (sample_of_set[set_of_event], slot_of_set[set_of_event], slot_of_event)
+    variable = torch.zeros(b, s, e, dtype=torch.int64, device=device)
+    value = torch.zeros(b, s, e, dtype=torch.float32, device=device)
+    event_mask = torch.zeros(b, s, e, dtype=torch.bool, device=device)
+    variable[where] = batch.variable
+    value[where] = batch.value.float()
+    event_mask[where] = True
+    set_time = torch.zeros(b, s, dtype=torch.float32, device=device)
+    set_time[sample_of_set, slot_of_set] = batch.set_time.float()
+    return variable, value, set_time, event_mask
+
+
 # ---------------------------------------------------------------- layers
 
 
@@ -122,12 +148,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(b, n, h, d // h).transpose(1, 2)
         k, v = self.kv(ctx).reshape(b, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # True = attend
+        if attn_mask is not None:  # (B, Lq, Lk) True = attend: the padded forward's causal-and-valid mask
+            mask = attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -142,9 +170,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.norm1(x)
-        x = x + self.attn(y, y, key_mask=key_mask, causal=causal)
+        x = x + self.attn(y, y, key_mask=key_mask, causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -260,6 +289,41 @@ class SeqSetVAE(nn.Module):
             x = block(x, causal=True)
         return SeqOutput(mu=mu, logvar=logvar, z=z, h=self.norm(x), mask=mask, set_mu=set_mu, set_logvar=set_logvar)
 
+    def forward_padded(self, variable: torch.Tensor, value: torch.Tensor, set_time: torch.Tensor,
+                       event_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same model on padded tensors, for export (no Python-side batching, no data-dependent shapes).
+
+        ``variable`` (B, S, E) int64, ``value`` (B, S, E) float, ``set_time`` (B, S), ``event_mask`` (B, S, E)
+        bool (True = a real event). A set exists iff it has a real event. Returns ``h``, ``mu``, ``logvar``
+        (B, S, ·) and the set mask (B, S); padded positions hold zeros in ``mu``/``logvar`` and finite values
+        in ``h``. Padded entries may hold anything (they are replaced before use). Valid steps equal
+        :meth:`forward`'s when the real sets come first (right padding, as the flat path lays them out);
+        sets after a gap still see only the real sets before them.
+        """
+        b, s, e = variable.shape
+        set_mask = event_mask.any(dim=-1)
+        flat = event_mask.reshape(b * s, e)
+        # a padded set has no events: let it attend to its first slot so that no attention row is empty (a
+        # fully masked row is NaN); its outputs are replaced below and never reach a real step
+        first = torch.arange(e, device=variable.device) == 0
+        attend = flat | (~flat.any(dim=-1, keepdim=True) & first)
+        var = torch.where(flat, variable.reshape(b * s, e), torch.zeros_like(variable.reshape(b * s, e)))
+        val = torch.where(flat, value.reshape(b * s, e).float(), torch.zeros_like(value.reshape(b * s, e).float()))
+        mu, logvar = self.encoder(var, val, attend)
+        keep = set_mask.reshape(b * s, 1)
+        mu = torch.where(keep, mu, torch.zeros_like(mu)).reshape(b, s, -1)
+        logvar = torch.where(keep, logvar, torch.zeros_like(logvar)).reshape(b, s, -1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) * set_mask.unsqueeze(-1) if self.training else mu
+        t = torch.where(set_mask, set_time.float(), torch.zeros_like(set_time.float()))
+        x = self.z_proj(z) + self.time_proj(self.time_encoding(t))
+        steps = torch.arange(s, device=variable.device)
+        causal = steps[None, :] <= steps[:, None]  # (S, S): query i sees keys j <= i
+        # real keys only, and every step sees itself (no empty row for a padded step)
+        attn = (causal.unsqueeze(0) & set_mask.unsqueeze(1)) | torch.eye(s, dtype=torch.bool, device=variable.device)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn)
+        return self.norm(x), mu, logvar, set_mask
+
 
 # ---------------------------------------------------------------- pooling and losses
 
@@ -273,7 +337,9 @@ def pool_sequence(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor
     # an empty sample would softmax over all -inf (NaN); give it a finite row and zero it below
     scores = torch.where(n[:, None] > 0, scores, torch.zeros_like(scores))
     attn = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(dim=1)
-    last = h[torch.arange(h.shape[0], device=h.device), (n - 1).clamp(min=0)]
+    # the last valid step by position (= n - 1 for right padding; also right where a padded batch has gaps)
+    steps = torch.arange(h.shape[1], device=h.device)
+    last = h[torch.arange(h.shape[0], device=h.device), (steps * mask.long()).argmax(dim=1)]
     empty = (n == 0).unsqueeze(-1)
     return {name: torch.where(empty, torch.zeros_like(x), x) for name, x in
             (("attn", attn), ("mean", mean), ("last", last))}

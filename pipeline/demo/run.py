@@ -42,7 +42,7 @@ class DemoFamily:
     sweeps: list[DemoSweep]
     speed_heads: list[dict[str, Any]]  # heads timed against the frozen-backbone-in-the-loop way
     # phase three after the sweeps: FinetuneConfig fields for a fine-tune of the best torch head, then export
-    # + predict (None: the family stops at the probe; its ragged batches are not exportable)
+    # + predict (None: the family stops at the probe, to keep the demo short)
     finetune: dict[str, Any] | None = None
 
 

@@ -3,7 +3,13 @@
 The model file carries its metadata (``ftpipe.json``, see export.py): which reader, which input arrays,
 the task (class labels). Output: one Parquet row per sample with ``row`` (position in the data),
 ``sample_id``, ``split`` (when the data has one), then ``prob_<c>`` + ``pred_class`` (classification) or
-``prediction`` / ``prediction_<k>`` (regression), written to a temporary name and renamed.
+``prediction`` / ``prediction_<k>`` (regression), written to a temporary name and renamed. A per-object model
+(maskformer + ``weighted-pool`` / ``object-valid``) gives one row per (sample, object): ``object`` (the query
+index) and ``object_valid`` (the model's object mask) besides.
+
+Models of the ragged families (``padding`` in the metadata, see ragged.py) take padded tensors + masks: the
+reader's flat batch is padded here (``ragged.pad_inputs``), and only the reader groups the model reads are
+opened (new tracking data needs no truth columns).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ def _zip_meta(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_model(path: Path, *, device: Any) -> tuple[Callable[..., np.ndarray], dict[str, Any]]:
-    """(callable on input tensors -> numpy predictions, metadata) for a torchscript, torch.export or onnx file."""
+def load_model(path: Path, *, device: Any) -> tuple[Callable[..., list[np.ndarray]], dict[str, Any]]:
+    """(callable on input tensors -> numpy outputs, metadata) for a torchscript, torch.export or onnx file."""
     import torch
+
+    from pipeline.finetune.export import _outputs
 
     path = Path(path)
     if not path.is_file():
@@ -45,9 +53,9 @@ def load_model(path: Path, *, device: Any) -> tuple[Callable[..., np.ndarray], d
             raise FtpipeError(f"{path} is not a model written by `ftpipe export` (no {path.name}/ftpipe.json inside)")
         if meta["format"] == "torchscript":
             m = torch.jit.load(str(path), map_location=device)
-            return (lambda xs: m(*xs).detach().cpu().numpy()), meta
+            return (lambda xs: _outputs(m(*xs))), meta
         m = torch.export.load(str(path)).module().to(device)
-        return (lambda xs: m(*xs).detach().cpu().numpy()), meta
+        return (lambda xs: _outputs(m(*xs))), meta
     try:
         import onnx
         import onnxruntime as ort
@@ -65,7 +73,7 @@ def load_model(path: Path, *, device: Any) -> tuple[Callable[..., np.ndarray], d
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), providers=providers)
     names = [i.name for i in session.get_inputs()]
-    return (lambda xs: session.run(None, {n: x.cpu().numpy() for n, x in zip(names, xs)})[0]), meta
+    return (lambda xs: session.run(None, {n: x.cpu().numpy() for n, x in zip(names, xs)})), meta
 
 
 def _open(meta: dict[str, Any], data: Path) -> tuple[Any, Any]:
@@ -73,6 +81,11 @@ def _open(meta: dict[str, Any], data: Path) -> tuple[Any, Any]:
     from pipeline.data import open_data
 
     cfg = {**meta["data"], "path": str(Path(data).resolve()), "targets": []}
+    padding = meta.get("padding") or {}
+    if padding.get("groups"):  # only the reader groups the model reads (no truth columns needed)
+        groups = {g: c for g, c in cfg["options"]["groups"].items() if g in padding["groups"]}
+        cfg["options"] = {**cfg["options"], "groups": groups}
+        cfg["inputs"] = [c for cols in groups.values() for c in cols]
     try:
         source = open_data(config=build(DataConfig, cfg, source="model metadata"))
         return source, source.plan()
@@ -92,6 +105,7 @@ def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, dev
     from tqdm.auto import tqdm
 
     from pipeline.config import resolve_device
+    from pipeline.finetune.ragged import pad_inputs
     from pipeline.results import records as R
 
     t0 = time.perf_counter()
@@ -108,19 +122,33 @@ def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, dev
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     loader = DataLoader(source.dataset(), batch_sampler=batches, collate_fn=source.collate,
                         pin_memory=dev.type == "cuda")
-    preds = []
+    padding = meta.get("padding")
+    outs: list[list[np.ndarray]] = []
     with torch.inference_mode(), tqdm(total=n, unit="sample", desc="predict", disable=not progress) as bar:
         for idx, batch in zip(batches, loader):
-            missing = [k for k in keys if k not in batch]
-            if missing:
-                raise DataError(f"{data} has no input(s) {missing}; the model reads {keys}")
-            preds.append(np.asarray(fn([torch.as_tensor(batch[k]).to(dev) for k in keys])))
+            if padding:
+                xs = pad_inputs(padding, batch, device=dev)
+            else:
+                missing = [k for k in keys if k not in batch]
+                if missing:
+                    raise DataError(f"{data} has no input(s) {missing}; the model reads {keys}")
+                xs = [torch.as_tensor(batch[k]).to(dev) for k in keys]
+            outs.append(fn(xs))
             bar.update(len(idx))
-    pred = np.concatenate(preds).reshape(n, -1)
+    pred = np.concatenate([o[0] for o in outs])
     cols: dict[str, Any] = {"row": np.arange(n), "sample_id": np.asarray(plan.sample_id, dtype=np.int64)}
     if meta["data"].get("split") and source.config.split:
         cols["split"] = [plan.split_names[c] for c in plan.split]
     task = meta["task"]
+    if task.get("per_object"):  # one row per (sample, object), as a per-object run's predictions.parquet
+        q = pred.shape[1]
+        cols = {k: np.repeat(np.asarray(v), q) for k, v in cols.items()}
+        cols["object"] = np.tile(np.arange(q), n)
+        if len(outs[0]) > 1:
+            cols["object_valid"] = np.concatenate([o[1] for o in outs]).reshape(-1)
+        pred = pred.reshape(n * q, -1)
+    else:
+        pred = pred.reshape(n, -1)
     if task["kind"] == "classify":
         for c in range(pred.shape[1]):
             cols[f"prob_{c}"] = pred[:, c]
@@ -132,5 +160,5 @@ def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, dev
             cols[f"prediction_{k}"] = pred[:, k]
     out.parent.mkdir(parents=True, exist_ok=True)
     R.write_table(out, cols)
-    return {"out": str(out), "rows": n, "format": meta["format"], "run_id": meta["run_id"],
+    return {"out": str(out), "rows": len(cols["row"]), "samples": n, "format": meta["format"], "run_id": meta["run_id"],
             "seconds": time.perf_counter() - t0}
