@@ -90,11 +90,17 @@ def _sklearn_logistic(x, y, s, grid, *, patience=2):
 def test_linear_matches_sklearn_logistic_regression(caches, name, grid):
     features, x, y, s = caches[name]
     params = {"C": grid} if grid else {}
-    result = fit(config=TrainConfig(arch="linear", target="y", task="classify", device="cpu", params=params),
-                 features=features)
+    default = fit(config=TrainConfig(arch="linear", target="y", task="classify", device="cpu", params=params),
+                  features=features)
+    # the same strength chosen on the same val split: solved as tightly as the reference (float64; the default tol
+    # 1e-4 leaves weak-C solves on separable wine a little short, which can move the choice one step along
+    # a flat stretch of the path without changing the test accuracy asserted just below)
+    result = fit(config=TrainConfig(arch="linear", target="y", task="classify", device="cpu",
+                                    params={**params, "tol": 1e-8, "dtype": "float64"}), features=features)
     grid = grid or list(C_GRID)
     c, sk_acc, solved = _sklearn_logistic(x, y, s, grid)
-    assert result.info["C"] == c  # the same strength chosen on the same val split
+    assert abs(default.metrics["test"]["accuracy"] - sk_acc) <= 0.005, (default.metrics["test"], sk_acc)
+    assert result.info["C"] == c
     assert abs(result.metrics["test"]["accuracy"] - sk_acc) <= 0.005, (result.metrics["test"], sk_acc)
     assert result.info["converged"] and not result.info["refit"]
     # the path stopped where scikit-learn's identical search stopped, and says so
