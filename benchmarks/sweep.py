@@ -8,7 +8,8 @@ One run, side by side, on one synthetic cache (a frozen 4-layer transformer's me
 2. K `ftpipe train-head` subprocesses one after another (each starts Python, imports torch, loads the
    cache, trains one head) — wall time. Target: (2) / (1) >= 3x.
 3. The old way: the frozen backbone runs under no_grad on every batch (DataLoader), then the head's
-   train step. Measured on `--old-batches` batches per architecture and extrapolated to K heads x
+   train step. Same heads, same data, same epochs: every ftpipe run here trains all ``--epochs`` epochs
+   (``patience=0``: no early stop), as the extrapolated old way does. Measured on `--old-batches` batches per architecture and extrapolated to K heads x
    epochs x batches per epoch (stated in the output); compared with (1) alone and with (1) plus the
    one-time extraction that fills the cache.
 4. End to end: (3) against (1) plus the one extraction (target >= 100x), and where the sweep's time
@@ -80,9 +81,9 @@ def _write_cache(*, root: Path, pooled: np.ndarray, label: np.ndarray, split: np
     return key
 
 
-def _run(cmd: list[str]) -> tuple[float, str]:
+def _run(cmd: list[str], *, root: Path = ROOT) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--strategies", action="store_true", help="also time --strategy in-turn and --strategy stacked")
     ap.add_argument("--quick", action="store_true", help="n=2048, seq-len 32")
     ap.add_argument("--device", default="cpu", help="where the heads train: cpu or cuda (benchmarks/gpu.sh)")
+    ap.add_argument("--before", default=None, metavar="CHECKOUT",
+                    help="also time the same sweep with another checkout's code (e.g. /work/main), right after")
     args = ap.parse_args()
     if args.quick:
         args.n, args.seq_len = 2048, 32
@@ -172,8 +175,9 @@ def main() -> None:
               f"{', '.join(f'{v:g}' for v in LRS)}), {args.epochs} epochs, batch {args.batch_size}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
 
+        # patience=0: every run trains all its epochs, as the old way's extrapolation assumes (no early stop)
         common = ["--cache-root", str(tmp / "cache"), "--target", "label", "--device", args.device, "--epochs",
-                  str(args.epochs)]
+                  str(args.epochs), "--set", "patience=0"]
         py = [sys.executable, "-m", "cli", "-q"]
         sweeps: dict[str, tuple[float, dict]] = {}
         for strategy in (("auto", "in-turn", "stacked") if args.strategies else ("auto",)):
@@ -188,6 +192,14 @@ def main() -> None:
             print(f"1. ftpipe sweep --strategy {strategy}: {seconds:.1f} s wall for {k} runs [{chosen}]")
         sweep_s = sweeps["auto"][0]
         split_time = _time_split(tmp / "runs-sweep-auto", sweeps["auto"][1]["trained"])
+        before_s = None
+        if args.before:
+            cmd = py + ["sweep", "--cache", key, "--arch", ",".join(ARCHS), "--set", "lr=" + ",".join(map(str, LRS)),
+                        "--set", f"batch_size={args.batch_size}", "--runs-dir", str(tmp / "runs-sweep-before"),
+                        "--json"] + common
+            before_s, _ = _run(cmd, root=Path(args.before).resolve())
+            print(f"1b. the same sweep with the code in {args.before}: {before_s:.1f} s wall "
+                  f"(this checkout {sweep_s:.1f} s: {before_s / sweep_s:.2f}x)")
 
         t0 = time.perf_counter()
         for arch in ARCHS:
@@ -219,6 +231,8 @@ def main() -> None:
               f"{'OK' if r_e2e >= 100 else 'BELOW'}")
         step_s, eval_s = split_time
         other_s = sweep_s - step_s - eval_s
+        if before_s is not None:
+            print(f"  end to end with the code in {args.before}:  {old_s / (before_s + extract_s):.0f}x")
         print(f"\nper configuration (sweep wall {sweep_s:.2f} s / {k}): {sweep_s / k:.3f} s = train steps "
               f"{step_s / k:.3f} s + evaluations {eval_s / k:.3f} s + other {other_s / k:.3f} s "
               f"(start-up, cache load, final metrics, records); non-training share "

@@ -65,6 +65,15 @@ def test_results_table_has_every_run(demo_run):
     assert all(r["select_split"] == "val" for r in rows)
 
 
+def test_pooled_sgd_heads_converge_on_the_default_budget(demo_run):
+    from pipeline.results.records import read_results
+
+    workdir, _, _ = demo_run
+    rows = [r for r in read_results(runs_dir=workdir / "tracks" / "runs") if r["arch"] in ("mlp2", "mlp3")]
+    assert {r["arch"] for r in rows} == {"mlp2", "mlp3"}
+    assert all(r["converged"] is True for r in rows), [(r["arch"], r["converged"], r.get("steps_run")) for r in rows]
+
+
 def test_speedup_is_measured_and_printed(demo_run):
     _, out, summary = demo_run
     assert all(s["ratio"] > 1 for s in summary["speedup"])

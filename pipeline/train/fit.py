@@ -496,18 +496,27 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
 
     light = tuple(light)
     metrics, preds = {}, {}
-    for split in splits:
-        if not features.has_rows(split):
-            continue
-        rows = features.rows(split)
-        pred = head.predict(features=features, rows=rows)
-        y = features.targets[target].index_select(0, rows).cpu().numpy()
-        if split in light:
-            yf, _ = M._flatten(head.task, np.asarray(y), np.asarray(pred))
-            metrics[split] = {**M.epoch_metrics(task=head.task, y=y, pred=pred), "n": float(len(yf))}
-        else:
-            metrics[split] = M.compute(task=head.task, y=y, pred=pred)
-        preds[split] = {"rows": rows.cpu().numpy(), "target": y, "prediction": pred}
+    # A torch head predicts under the trainer's CPU thread policy at its training batch size (one thread for
+    # a small head): with two spin-waiting OpenMP threads on a loaded machine, a small head's final
+    # predictions took longer than its training epochs (profiled in benchmarks/sweep.py).
+    from pipeline.heads.base import TorchHead
+
+    module = head.module if isinstance(head, TorchHead) else None
+    threads = (_cpu_threads(module=module, batch_size=256, device=features.device) if module is not None
+               else contextlib.nullcontext())
+    with threads:
+        for split in splits:
+            if not features.has_rows(split):
+                continue
+            rows = features.rows(split)
+            pred = head.predict(features=features, rows=rows)
+            y = features.targets[target].index_select(0, rows).cpu().numpy()
+            if split in light:
+                yf, _ = M._flatten(head.task, np.asarray(y), np.asarray(pred))
+                metrics[split] = {**M.epoch_metrics(task=head.task, y=y, pred=pred), "n": float(len(yf))}
+            else:
+                metrics[split] = M.compute(task=head.task, y=y, pred=pred)
+            preds[split] = {"rows": rows.cpu().numpy(), "target": y, "prediction": pred}
     return metrics, preds
 
 
