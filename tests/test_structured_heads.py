@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.heads.attn_pool import AttentionPool, AttnPoolNet, masked_mean, masked_softmax
+from pipeline.blocks import masked_mean, masked_softmax
+from pipeline.heads.attn_pool import AttentionPool, AttnPoolNet
 from pipeline.heads.object_valid import ObjectValidNet, masked_bce
 from pipeline.heads.vae_fusion import VaeFusionNet, uncertainty_fusion
 
