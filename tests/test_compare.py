@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 
 from cli import main
 from pipeline.errors import FtpipeError
-from pipeline.heads.base import Task
+from pipeline.task import Task
 from pipeline.results import stats as S
 from pipeline.results.compare import compare, verdict
 from pipeline.results.records import prediction_columns, write_results_row, write_table

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.heads.base import Task
+from pipeline.task import Task
 from pipeline.results.metrics import compute, higher_is_better, relative_resolution
 
 

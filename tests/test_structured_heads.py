@@ -213,7 +213,7 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
 
 
 def test_attn_pool_over_dense_per_object_embeddings_is_permutation_invariant() -> None:
-    from pipeline.heads.base import Task
+    from pipeline.task import Task
     from pipeline.registry import HEADS
 
     family = HEADS.get("attn-pool")

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.blocks import mlp, pool
 from pipeline.backbones.base import DEFAULT_DROP_PATTERNS, CheckpointRules
+from pipeline.blocks import mlp, pool
 from pipeline.errors import ConfigError, DataError
 from pipeline.pretrain.run import PretrainResult, register_pretrainer
 from pipeline.registry import register_backbone

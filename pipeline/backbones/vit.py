@@ -255,13 +255,6 @@ def finetune_groups(module: VisionTransformer) -> dict[str, list[str]]:
             "gradual": [rf"^blocks\.({last})\.|^norm\."]}
 
 
-def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
-    """The stage-one model: the backbone plus its ``head`` Linear."""
-    args = resolve_init_args(hparams={}, init_args=init_args)
-    return VisionTransformer(**args)
-
-
-
 # ---------------------------------------------------------------- stage one
 
 TRAIN_KNOBS: dict[str, Any] = {

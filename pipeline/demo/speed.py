@@ -18,6 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +58,6 @@ class OverheadReport:
 
 
 def _backbone(*, d_in: int, d_model: int, layers: int, heads: int) -> Any:
-    import torch.nn as nn
-
     class Frozen(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -71,8 +73,6 @@ def _backbone(*, d_in: int, d_model: int, layers: int, heads: int) -> Any:
 
 
 def _data(*, n: int, seq_len: int, d_in: int, seed: int) -> tuple[Any, Any, Any]:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, seq_len, d_in, generator=g)
     y = (x[:, :, 0].mean(dim=1) > 0).float()
@@ -86,7 +86,6 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
                          layers: int = 4, heads: int = 4, arch: str = "mlp2", batch_size: int = 256,
                          epochs: int = 5, old_batches: int = 4, device: Any = None, seed: int = 0) -> SpeedReport:
     """Per-epoch time of one head: frozen backbone + DataLoader per batch vs cached features (see module doc)."""
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.config import TrainConfig
@@ -144,7 +143,6 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str = "mlp2", batch_size: int = 256,
                              epochs: int = 5, device: Any = None, seed: int = 0) -> OverheadReport:
     """``fit_module`` per epoch vs a bare index-sliced loop doing the same optimisation on the same tensors."""
-    import torch
 
     from pipeline.config import TrainConfig
     from pipeline.task import Task
@@ -201,8 +199,6 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     through the DataLoader, run through the frozen, verified backbone under no_grad, then one optimiser step;
     timed over ``old_batches`` batches and extrapolated to the epoch.
     """
-    import numpy as np
-    import torch
     from torch.utils.data import DataLoader
 
     from cache.ragged import Ragged

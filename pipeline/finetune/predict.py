@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from pipeline.errors import ConfigError, DataError, FtpipeError
 
@@ -34,8 +35,6 @@ def _zip_meta(path: Path) -> dict[str, Any] | None:
 
 def load_model(path: Path, *, device: Any) -> tuple[Callable[..., np.ndarray], dict[str, Any]]:
     """(callable on input tensors -> numpy predictions, metadata) for a torchscript, torch.export or onnx file."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise FtpipeError(f"model file not found: {path}; write one with `ftpipe export --run RUN_ID --out {path}`")
@@ -87,7 +86,6 @@ def _open(meta: dict[str, Any], data: Path) -> tuple[Any, Any]:
 
 def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, device: str = "auto",
                 progress: bool = False) -> dict[str, Any]:
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.errors import CheckpointError, ConfigError, DataError, FtpipeError
 
@@ -130,12 +131,10 @@ def verified_checkpoint(*, cache: Any, sources: dict[str, Any], checkpoint: Path
 def build_head(*, record: dict[str, Any], run_dir: Path, specs: dict[str, Any], device: Any,
                purpose: str) -> tuple[Any, Any, tuple[str, ...]]:
     """The run's head through the registry (build) and the Head protocol (load its saved weights)."""
-    from pipeline.heads.base import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     train = record["train"]
-    import torch
-
     family = HEADS.get(train["arch"])
     net, _ = family.resolve_params(train.get("params") or {})
     task = Task.from_dict(record["task"])
@@ -158,7 +157,6 @@ def build_head(*, record: dict[str, Any], run_dir: Path, specs: dict[str, Any], 
 def load_run(*, run_id: str, runs_dir: Path, device: Any, cache_root: Path | None = None,
              checkpoint: Path | None = None, data: Path | None = None, purpose: str = "be fine-tuned") -> LoadedRun:
     """Everything ``finetune`` / ``export`` need, verified; the composed model in eval mode on ``device``."""
-    import torch
 
     from pipeline.data import open_data
     from pipeline.extract.run import _PROBE_SAMPLES, _autocast, load_frozen_backbone

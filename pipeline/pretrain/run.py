@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,6 @@ def run_pretrain(
 
     Returns ``{"checkpoint": str, "backbone": name, "epochs": E, "metrics": {...}, "seconds": s}``.
     """
-    import torch
 
     from pipeline.config import DataConfig, build
     from pipeline.data import open_data

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULTS_SUBDIR = "results"
-ID_COLUMNS = ("config_id", "label", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id",
-              "strategy", "parent_run")  # the last two: fine-tuned runs (pipeline/finetune)
 # TrainConfig options of the shared SGD trainer: meaningless (and hidden) for heads that fit themselves.
 TRAINER_OPTIONS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "grad_clip", "patience")
 

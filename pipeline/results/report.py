@@ -58,11 +58,6 @@ class RunView:
         """The configuration's name in this report: head + varying settings (set by the section)."""
         return str(self.row.get("display") or self.row.get("label") or self.row.get("arch"))
 
-    @property
-    def cache_label(self) -> str:
-        """``label @<cache key prefix>``: tells two backbones' runs of one configuration apart."""
-        return f"{self.label} @{str(self.row.get('cache_key'))[:6]}"
-
 
 def _load_runs(*, runs_dir: Path, rows: Sequence[dict[str, Any]]) -> list[RunView]:
     """A view per results row whose run folder has its ``config.yaml`` (others are named in one warning)."""
