@@ -79,7 +79,7 @@ def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False) 
     rows = chunk_shape[0]
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
-    flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
+    flat = out.reshape(-1).view(np.uint8).data if out.size else None
     for i in range(lo // rows, (hi - 1) // rows + 1):
         a, b = max(lo, i * rows), min(hi, (i + 1) * rows)
         want = (b - a) * row_bytes
@@ -133,7 +133,7 @@ def write_uncompressed_chunks(z: Any, lo: int, data: np.ndarray) -> bool:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(piece.reshape(-1).view(np.uint8)) if piece.size else b"")
+                f.write(piece.reshape(-1).view(np.uint8).data if piece.size else b"")
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -144,8 +144,8 @@ def mlp(d_in: int, hidden: int | Sequence[int], d_out: int | None, *, depth: int
     layers: list[nn.Module] = []
     d = int(d_in)
     for h in widths:
-        norm_layer = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "identity": lambda _: nn.Identity()}.get(norm)
-        normed = [norm_layer(h)] if norm_layer is not None else []
+        normed: list[nn.Module] = ([nn.BatchNorm1d(h)] if norm == "batch" else [nn.LayerNorm(h)] if norm == "layer"
+                                   else [nn.Identity()] if norm == "identity" else [])
         layers += [nn.Linear(d, h), act(), *normed] if norm_after_activation else [nn.Linear(d, h), *normed, act()]
         if dropout is not None:
             layers.append(nn.Dropout(float(dropout)))

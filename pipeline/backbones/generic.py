@@ -31,7 +31,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -227,9 +227,9 @@ def _imported_modules(path: Path, *, mod_name: str | None) -> list[str]:
 
 def resolve_init_args(cls: type, *, hparams: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint hyper_parameters the constructor accepts, overridden by the config's init_args."""
-    base = hparams.get("init_args") if isinstance(hparams.get("init_args"), dict) else hparams
+    base: dict[str, Any] = hparams["init_args"] if isinstance(hparams.get("init_args"), dict) else hparams
     try:
-        params = inspect.signature(cls).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         params = {}
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -50,7 +50,7 @@ class DemoFamily:
     finetune: dict[str, Any] | None = None
 
 
-POOLED_GRID = [
+POOLED_GRID: list[dict[str, Any]] = [
     {"arch": ["linear", "mlp2", "mlp3"], "lr": [1.0e-3]},
     {"arch": ["lightgbm"]},
 ]
@@ -292,7 +292,7 @@ def _finetune_export_predict(*, fam: DemoFamily, sweeps: dict[str, Any], runs_di
     from pipeline.registry import HEADS
     from pipeline.results.records import leaderboard
 
-    cfg = FinetuneConfig(**{**fam.finetune, "device": device.type})
+    cfg = FinetuneConfig(**{**(fam.finetune or {}), "device": device.type})
     echo(f"\n[+] phase three: {cfg.strategy} fine-tune of the {fam.backbone} from the best cached head, export, "
          "predict")
     sweep = fam.sweeps[0]

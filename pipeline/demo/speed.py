@@ -72,6 +72,15 @@ def _backbone(*, d_in: int, d_model: int, layers: int, heads: int) -> Any:
     return Frozen()
 
 
+def _module(head: Any) -> nn.Module:
+    """The torch module of a built head (the speed figures time torch heads only)."""
+    from pipeline.heads.base import TorchHead
+
+    if not isinstance(head, TorchHead):
+        raise TypeError(f"speed is measured on torch heads; {head.name!r} is not one")
+    return head.module
+
+
 def _data(*, n: int, seq_len: int, d_in: int, seed: int) -> tuple[Any, Any, Any]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, seq_len, d_in, generator=g)
@@ -110,7 +119,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 
     # the old way: same head, backbone on every batch, DataLoader (measured over `old_batches` batches)
     head = build_head(config=config, features=feats, task=task)
-    module = head.module
+    module = _module(head)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
     train_idx = torch.nonzero(split == 0).flatten()
     loader = DataLoader(TensorDataset(x[train_idx], y[train_idx].long()), batch_size=batch_size, shuffle=True)
@@ -131,7 +140,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 
     # the cached way: the trainer, per epoch (median)
     head = build_head(config=config, features=feats, task=task)
-    hist = fit_module(module=head.module, inputs=head.inputs, task=task, features=feats, target="y",
+    hist = fit_module(module=_module(head), inputs=head.inputs, task=task, features=feats, target="y",
                       train_rows=feats.rows("train"), val_rows=feats.rows("val"), config=config)
     cached_epoch = statistics.median(r["seconds"] for r in hist)
     cfg = {"seq_len": seq_len, "d_in": d_in, "d_model": d_model, "layers": layers, "heads": heads, "arch": arch,
@@ -160,12 +169,12 @@ def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str 
     train_rows, val_rows = feats.rows("train"), feats.rows("val")
 
     head = build_head(config=config, features=feats, task=task)
-    hist = fit_module(module=head.module, inputs=head.inputs, task=task, features=feats, target="y",
+    hist = fit_module(module=_module(head), inputs=head.inputs, task=task, features=feats, target="y",
                       train_rows=train_rows, val_rows=val_rows, config=config)
     trainer = statistics.median(r["seconds"] for r in hist)
 
     head = build_head(config=config, features=feats, task=task)
-    module = head.module
+    module = _module(head)
     xs, ys = feats.arrays["pooled/mean"], feats.targets["y"].long()
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
     times = []
@@ -234,7 +243,7 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     batches = [b for b in batches if len(b) > 1]  # BatchNorm heads cannot train on one row
     loader = DataLoader(source.dataset(), batch_sampler=batches, collate_fn=source.collate,
                         pin_memory=device.type == "cuda")
-    module, task = result.head.module, result.task
+    module, task = _module(result.head), result.task
     module.train()
     opt = torch.optim.AdamW(module.parameters(), lr=train_cfg.lr)
     target_name = f"targets/{head['target']}"

@@ -82,7 +82,7 @@ class Coordinator:
         kind, value = self.broadcast(outcome)
         if kind == "err":
             raise value
-        return value  # type: ignore[no-any-return]
+        return value
 
     def assign(self, ids: list[int]) -> list[int]:
         """This rank's disjoint share of ``ids``: round robin over the sorted ids."""

@@ -410,7 +410,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                        "dropped": list(report.dropped), "frozen_parameters": report.frozen},
         "extract": {"dtype": config.dtype, "extractor_version": EXTRACTOR_VERSION, "device": device.type},
         # where the inputs were (not part of the key): `ftpipe finetune` re-reads them, re-hashing the checkpoint
-        "sources": {"checkpoint": str(checkpoint.resolve()), "data": str(Path(config.data.path).resolve()),
+        "sources": {"checkpoint": str(checkpoint.resolve()), "data": str(Path(config.data.path).resolve()) if config.data.path else None,
                     "config_dir": str(Path(config_dir).resolve()) if config_dir is not None else None,
                     "trust_checkpoint": bool(config.trust_checkpoint)},
     }

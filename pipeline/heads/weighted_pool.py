@@ -159,6 +159,10 @@ class WeightedPoolNet(nn.Module):
     """Objects (B, Q, D), hit features (B, M, F), hit embeds (B, M, E), logits (B, M, Q), hit mask (B, M)
     -> (B, Q, K) outputs in the Task's encoded target space."""
 
+    feature_mean: torch.Tensor  # buffers (registered in __init__)
+    feature_std: torch.Tensor
+    stats_ready: torch.Tensor
+
     def __init__(
         self,
         *,
