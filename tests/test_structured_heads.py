@@ -213,8 +213,8 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
 
 
 def test_attn_pool_over_dense_per_object_embeddings_is_permutation_invariant() -> None:
-    from pipeline.task import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     family = HEADS.get("attn-pool")
     net, _ = family.resolve_params({"features": "objects/embed", "hidden": 8})
