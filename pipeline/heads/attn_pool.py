@@ -6,8 +6,9 @@ Notable features:
   added to the mean query (``learned_query: true``) and the dot products are scaled by 1/sqrt(D)
   (``scaled: true``, default: the predecessor did not scale, which makes the softmax very peaked
   on wide embeddings).
-- Masking is exact: padded steps get a finite large-negative score and zero weight, so the same
-  sample padded to any length gives the same output; an empty sequence pools to zeros (finite).
+- Masking is exact (``pipeline.blocks``): padded steps get zero weight at any score magnitude, so the
+  same sample padded to any length gives the same output; an empty sequence pools to zeros (finite,
+  with a finite gradient).
 - Reads a ragged array (default ``seq/embed``) or a dense ``(N, Q, D)`` array (``objects/embed``,
   every object present); the trainer pads ragged batches on the device (no DataLoader).
 - Measured on the built-in ``icu`` cache (setvae, 1200 stays, 3 seeds): attn-pool test AUROC 0.848
