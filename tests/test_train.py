@@ -197,7 +197,7 @@ def test_best_val_weights_kept_and_early_stopping(root):
     assert r.metrics["val"]["log_loss"] == pytest.approx(best, abs=1e-4)  # the restored weights are the best epoch's
 
 
-def _features(y: np.ndarray, split: np.ndarray, *, d: int = 6, seed: int = 0) -> FeatureSet:
+def _random_features(y: np.ndarray, split: np.ndarray, *, d: int = 6, seed: int = 0) -> FeatureSet:
     x = np.random.default_rng(seed).standard_normal((len(split), d)).astype(np.float32)
     return FeatureSet.from_tensors(arrays={"pooled/mean": x}, targets={"y": y}, split=split, device=CPU)
 
@@ -212,7 +212,7 @@ def test_selection_split_without_any_target_is_a_clear_error(arch):
     y[80:100] = np.nan
     params = {"n_estimators": 5, "num_threads": 1} if arch == "lightgbm" else {}
     with pytest.raises(TrainError, match=r"no val row with a usable target"):
-        fit(config=TrainConfig(arch=arch, epochs=2, params=params), features=_features(y, split))
+        fit(config=TrainConfig(arch=arch, epochs=2, params=params), features=_random_features(y, split))
 
 
 def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
@@ -224,4 +224,4 @@ def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
     y[80:100] = np.nan
     configs = [TrainConfig(arch="linear-sgd", epochs=2, seed=s) for s in (0, 1)]
     with pytest.raises(TrainError, match=r"no val row with a usable target"):
-        fit_group_stacked(configs=configs, features=_features(y, split))
+        fit_group_stacked(configs=configs, features=_random_features(y, split))
