@@ -141,7 +141,7 @@ def write_uncompressed_chunks(z: Any, lo: int, data: np.ndarray) -> bool:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(piece.reshape(-1).view(np.uint8)) if piece.size else b"")
+                f.write(piece.reshape(-1).view(np.uint8).data if piece.size else b"")
             os.replace(tmp, path)
         except BaseException:
             try:

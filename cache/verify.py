@@ -141,8 +141,8 @@ def check_files(path: Path) -> VerifyReport:
             if rec is None or entry is None:
                 continue
             lo, hi = entry["rows"]
-            for exc in chunk_file_problems(z, lo, hi):
-                problems.append(f"{u}: {s.name} {_chunk_problem(exc, path)}")
+            for problem in chunk_file_problems(z, lo, hi):
+                problems.append(f"{u}: {s.name} {_chunk_problem(problem, path)}")
                 bad.add(u.id)
     if missing:
         problems.append(f"{len(missing)} of {len(units)} units have no commit record")

@@ -339,9 +339,6 @@ class CacheWriter:
         """This rank's units that are not committed yet."""
         return [u for u in self.units if self._mine(u) and u.id not in self._committed]
 
-    def committed_units(self) -> list[Unit]:
-        return [u for u in self.units if u.id in self._committed]
-
     # ---------------------------------------------------------------- writing
 
     def write_batch(self, start: int, arrays: dict[str, Any]) -> None:

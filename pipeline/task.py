@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, TrainError
-
-if TYPE_CHECKING:  # torch stays a lazy import for `ftpipe --help`
-    import torch
 
 TASK_KINDS = ("classify", "regress")
 LOSSES = {"classify": ("ce",), "regress": ("mse", "smooth_l1", "huber")}
@@ -75,8 +75,6 @@ class Task:
         classify: long class indices, -1 where the target is NaN (or an unseen label);
         regress: float (.., K) with NaN kept where missing (1/y, then standardised).
         """
-        import torch
-
         if self.kind == "classify":
             out = torch.full(y.shape, -1, dtype=torch.long, device=y.device)
             for i, c in enumerate(self.classes):
@@ -94,8 +92,6 @@ class Task:
 
     def valid(self, t: "torch.Tensor") -> "torch.Tensor":
         """Bool mask of encoded targets that count (not missing)."""
-        import torch
-
         return t >= 0 if self.kind == "classify" else ~torch.isnan(t)
 
     def loss_fn(self, out: "torch.Tensor", t: "torch.Tensor", *, masked: bool = True) -> "torch.Tensor":
@@ -104,9 +100,6 @@ class Task:
         A batch with no valid entry returns a zero that still depends on ``out`` (so backward works).
         ``masked=False`` is a fast path for callers that know no target is missing (no host sync).
         """
-        import torch
-        import torch.nn.functional as F
-
         out = out.float()
         if masked:
             m = self.valid(t)
@@ -128,8 +121,6 @@ class Task:
 
     def decode(self, out: "torch.Tensor") -> "torch.Tensor":
         """Model outputs -> predictions: class probabilities, or values in target units."""
-        import torch
-
         out = out.float()
         if self.kind == "classify":
             return torch.softmax(out, dim=-1)

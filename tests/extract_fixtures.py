@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from config_fixtures import arrays_config
 from torch import nn
 
 FORWARD_CALLS = {"n": 0}
@@ -99,28 +100,11 @@ def lightning_checkpoint(path: Path, *, seed: int = 0, dim: int = 16, **extra_hp
 
 def write_config(path: Path, *, data: Path, class_path: str = "extract_fixtures.TinyNet", init_args: str = "{}",
                  extra: str = "") -> Path:
-    path.write_text(f"""# ftpipe extract --checkpoint CKPT --config {path.name}
-backbone:
-  class_path: {class_path}
-  init_args: {init_args}
-  taps:
-    pooled/mean: seq
-    pooled/attn: seq
-    objects/seq: seq
-    logits: final.logits
-    enc/summary: "encoder:1"
-  pooling:
-    pooled/mean: mean
-    pooled/attn: attn
-{extra}data:
-  format: arrays
-  path: {data}
-  inputs: [x]
-  targets: [label]
-  split: split
-batch_size: 8
-""")
-    return path
+    return arrays_config(path, data=data, class_path=class_path, init_args=init_args, extra=extra,
+                         header=f"# ftpipe extract --checkpoint CKPT --config {path.name}",
+                         taps={"pooled/mean": "seq", "pooled/attn": "seq", "objects/seq": "seq",
+                               "logits": "final.logits", "enc/summary": '"encoder:1"'},
+                         pooling={"pooled/mean": "mean", "pooled/attn": "attn"})
 
 
 def store_statuses(root: Path) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from config_fixtures import arrays_config
 from torch import nn
 
 
@@ -85,17 +86,5 @@ def transfer_data(folder: Path, *, n: int = 600, seed: int = 0) -> tuple[Path, P
     return ckpt, data
 
 
-def write_config(path: Path, *, data: Path, class_path: str, tap: str = "pooled/embed: \"\"") -> Path:
-    path.write_text(f"""backbone:
-  class_path: {class_path}
-  taps:
-    {tap}
-data:
-  format: arrays
-  path: {data}
-  inputs: [x]
-  targets: [label]
-  split: split
-batch_size: 16
-""")
-    return path
+def write_config(path: Path, *, data: Path, class_path: str) -> Path:
+    return arrays_config(path, data=data, class_path=class_path, taps={"pooled/embed": '""'}, batch_size=16)

@@ -159,3 +159,66 @@ def test_commit_record_holds_checksums(tmp_path):
     rec = json.loads(L.record_path(path, 0).read_text())
     assert rec["start"] == 0 and rec["stop"] == UNIT
     assert rec["arrays"]["pooled/mean"]["sha256"] == L.sha256_of(data["pooled/mean"][:UNIT])
+
+
+def _small_cache(root: Path, *, n: int = 8, unit_rows: int = 4) -> Path:
+    from cache.schema import ArraySpec, CacheSchema
+    from cache.writer import create_cache
+
+    schema = CacheSchema(n_samples=n, arrays=(ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+                                             ArraySpec("pooled/x", "float32", (2,))))
+    return create_cache(root=root, key="ab" * 32, key_record={"k": 1}, schema=schema, attrs={}, unit_rows=unit_rows)
+
+
+def test_finalize_verification_error_is_one_line(tmp_path: Path):
+    # docs/CONTRACTS.md: the CLI prints `error: <message>` on one line; the verification failure
+    # raised by finalize used to join its problems with newlines.
+    from cache.errors import CacheError
+    from cache.writer import CacheWriter
+
+    path = _small_cache(tmp_path)
+    with CacheWriter(path, background=False) as w:
+        w.write_batch(0, {"sample_id": np.arange(8), "split": np.zeros(8, np.uint8),
+                          "pooled/x": np.ones((8, 2), np.float32)})
+        for f in (path / "pooled" / "x" / "c").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"\x07" * f.stat().st_size)  # corrupt every committed chunk
+        with pytest.raises(CacheError) as info:
+            w.finalize()
+    message = str(info.value)
+    assert "failed verification" in message and "pooled/x" in message
+    assert "\n" not in message, message
+
+
+def test_removing_a_cache_being_written_does_not_suggest_no_wait(tmp_path: Path):
+    # `ftpipe cache rm` (and `extract --force`) have no --no-wait option; the refusal used to say
+    # "run again without --no-wait".
+    from cache.errors import CacheLockedError
+    from cache.reader import remove_cache
+    from cache.writer import CacheWriter
+
+    path = _small_cache(tmp_path)
+    with CacheWriter(path, background=False):
+        with pytest.raises(CacheLockedError) as info:
+            remove_cache(path, root=tmp_path)
+    message = str(info.value)
+    assert "--no-wait" not in message, message
+    assert "being written" in message and path.exists()
+
+
+def test_a_damaged_store_at_a_keys_place_can_be_cleared_but_nothing_else(tmp_path: Path):
+    from cache.errors import CacheError
+    from cache.reader import remove_cache
+
+    root = tmp_path / "cache"
+    damaged = root / "0123456789abcdef.zarr"
+    damaged.mkdir(parents=True)
+    (damaged / "zarr.json").write_text("not json")
+    remove_cache(damaged, root=root)
+    assert not damaged.exists()
+
+    elsewhere = tmp_path / "0123456789abcdef.zarr"  # same name, but not in the cache root
+    elsewhere.mkdir()
+    with pytest.raises(CacheError, match="refusing to remove"):
+        remove_cache(elsewhere, root=root)
+    assert elsewhere.exists()

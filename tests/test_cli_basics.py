@@ -49,3 +49,17 @@ def test_list_heads_prints_the_registry():
     assert result.exit_code == 0
     listed = [line.split()[0] for line in result.output.splitlines()[1:] if line and not line.startswith(("every", "set "))]
     assert listed == HEADS.names() and "linear" in HEADS.names()
+
+
+def test_cache_and_results_commands_import_no_torch(tmp_path):
+    """Commands that only read stores and records stay light (their modules import torch nowhere)."""
+    (tmp_path / "r").mkdir()
+    code = (
+        "import sys; from click.testing import CliRunner; from cli import main;"
+        f"a = CliRunner().invoke(main, ['cache', 'ls', '--cache-root', {str(tmp_path / 'c')!r}]);"
+        f"b = CliRunner().invoke(main, ['results', '--runs-dir', {str(tmp_path / 'r')!r}]);"
+        "assert a.exit_code == 0, a.output; assert 'no runs recorded' in b.output, b.output;"
+        "print(','.join(m for m in ('torch', 'lightgbm', 'matplotlib', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"cache ls / results imported {out}"

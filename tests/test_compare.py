@@ -14,10 +14,10 @@ from sklearn import metrics as skm
 
 from cli import main
 from pipeline.errors import FtpipeError
-from pipeline.heads.base import Task
 from pipeline.results import stats as S
 from pipeline.results.compare import compare, verdict
 from pipeline.results.records import prediction_columns, write_results_row, write_table
+from pipeline.task import Task
 
 
 def fake_run(runs: Path, *, run_id: str, config_id: str, seed: int, cache_key: str, task: Task,

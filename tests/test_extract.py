@@ -155,3 +155,26 @@ def test_missing_split_and_bad_tap_are_one_line(tmp_path, setup):
     bad.write_text(config.read_text().replace("logits: final.logits", "logits: final.logitz"))
     msg = _one_line_error(_extract(tmp_path, ckpt, bad))
     assert "logitz" in msg and "keys ['logits', 'summary']" in msg
+
+
+def test_float16_overflow_is_refused_at_extraction_not_stored_as_inf():
+    import numpy as np
+    import torch
+
+    from cache.schema import ArraySpec
+    from pipeline.errors import ConfigError
+    from pipeline.extract.run import _check_and_convert
+
+    specs = [ArraySpec("pooled/x", "float16", (2,))]
+    ok = _check_and_convert({"pooled/x": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, specs=specs, lengths={},
+                            start=0, stop=2, backbone="b")
+    assert ok["pooled/x"].dtype == np.float16
+    with pytest.raises(ConfigError, match="float16 range.*--dtype bfloat16"):
+        _check_and_convert({"pooled/x": torch.tensor([[1.0, 7e4], [3.0, 4.0]])}, specs=specs, lengths={},
+                           start=0, stop=2, backbone="b")
+    # a NaN the backbone itself produced is not an overflow: refused at extraction too (issue 12), naming the sample
+    from pipeline.errors import DataError
+
+    with pytest.raises(DataError, match=r"NaN/inf in pooled/x for 1 sample\(s\) \(sample_id 0\)"):
+        _check_and_convert({"pooled/x": torch.tensor([[float("nan"), 1.0], [3.0, 4.0]])}, specs=specs,
+                           lengths={}, start=0, stop=2, backbone="b")

@@ -95,3 +95,29 @@ def test_worked_example_runs(tmp_path):
     assert out["status"] == "complete"
     assert out["arrays"]["objects/embed"]["shape"] == [24, 13, 32]
     assert {"pooled/cls", "pooled/mean", "pooled/attn", "pooled/block0", "targets/label"} <= set(out["arrays"])
+
+
+def test_generic_pool_mask_of_the_wrong_length_is_a_config_error():
+    # A tap of (B, 1+T, D) (a CLS token in front) pooled with a (B, T) pool_mask used to raise a
+    # bare ValueError from pipeline/blocks.py: a traceback instead of one `error:` line.
+    import torch
+
+    from pipeline.backbones.generic import GenericBackbone
+    from pipeline.config import BackboneConfig
+    from pipeline.errors import ConfigError
+
+    class WithCls(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            h = self.proj(x)
+            return torch.cat([h.mean(dim=1, keepdim=True), h], dim=1)  # (B, 1+T, D)
+
+    config = BackboneConfig(class_path="m.WithCls", taps={"pooled/mean": ""}, pooling={"pooled/mean": "mean"},
+                            options={"pool_mask": "mask"})
+    bb = GenericBackbone(module=WithCls(), config=config, input_keys=["x", "mask"], init_args={})
+    batch = {"x": torch.randn(2, 5, 3), "mask": torch.ones(2, 5, dtype=torch.bool)}
+    with pytest.raises(ConfigError, match="pooled/mean.*pool_mask"):
+        bb.forward_taps(batch, device=torch.device("cpu"))

@@ -162,7 +162,7 @@ def test_family_layer_groups_cover_the_vit():
 
 def test_llrd_effective_lr_per_group_at_steps(vit_probe: dict):
     from pipeline.finetune.fit import FinetuneConfig, fit_phases
-    from pipeline.train.fit import lr_factor
+    from pipeline.train.loop import lr_factor
 
     run = _load(vit_probe)
     cfg = FinetuneConfig(strategy="llrd", llrd_decay=0.5, lr=1e-3, epochs=2, patience=0, batch_size=32,

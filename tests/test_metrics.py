@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.heads.base import Task
 from pipeline.results.metrics import compute, higher_is_better, relative_resolution
+from pipeline.task import Task
 
 
 def test_binary_matches_sklearn_and_drops_nan():
@@ -94,3 +94,9 @@ def test_epoch_metrics_equal_the_scikit_learn_light_metrics(kind, c):
     assert fast.keys() == ref.keys()
     for k in ref:
         assert fast[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+
+
+def test_per_column_r2_is_higher_is_better():
+    # K > 1 regression records r2_<k> (docs/CONTRACTS.md: per column suffix _<k>); r2 is higher-is-better
+    assert higher_is_better("val_r2_0") and higher_is_better("test_r2_12") and higher_is_better("val_auroc")
+    assert not higher_is_better("val_mse_1") and not higher_is_better("val_r2_0_std")

@@ -182,3 +182,42 @@ def test_maskformer_config_file_uses_the_default_layout():
     config = load(ExtractConfig, yaml_path=path)
     layout = build(DataConfig, layout_for_backbone("maskformer", path=None))
     assert config.data == layout
+
+
+def _parquet(path: Path, ids: pa.Array) -> Path:
+    n = len(ids)
+    pq.write_table(pa.table({
+        "event_id": ids,
+        "split": pa.array(["train", "val", "test"] * (n // 3) + ["train"] * (n % 3)),
+        "a": pa.array([[float(i)] * (i % 3) for i in range(n)], type=pa.list_(pa.float32())),
+    }), path)
+    return path
+
+
+def test_parquet_string_sample_ids_are_a_data_error_at_planning(tmp_path: Path):
+    # The engine stores sample_id as int64: string ids used to pass planning and then crash the
+    # extraction with a raw ValueError (after loading the model and planning a cache).
+    path = _parquet(tmp_path / "e.parquet", pa.array([f"evt-{i}" for i in range(6)]))
+    source = open_data(config=DataConfig(format="parquet", path=str(path), inputs=["a"], sample_id="event_id"))
+    with pytest.raises(DataError, match="sample_id.*integer"):
+        source.plan()
+
+
+def test_parquet_integer_sample_ids_still_work(tmp_path: Path):
+    path = _parquet(tmp_path / "e.parquet", pa.array(np.arange(10, 16, dtype=np.int32)))
+    plan = open_data(config=DataConfig(format="parquet", path=str(path), inputs=["a"], sample_id="event_id")).plan()
+    assert plan.sample_id.dtype == np.int64
+    np.testing.assert_array_equal(plan.sample_id, np.arange(10, 16))
+
+
+def test_parquet_with_a_split_column_refuses_split_ratios(tmp_path: Path):
+    from pipeline.backbones.base import layout_for_backbone
+    from pipeline.config import DataConfig
+    from pipeline.data import open_data
+    from pipeline.data.generators.tracks import generate_tracks
+    from pipeline.errors import DataError
+
+    data = generate_tracks(out=tmp_path / "t.parquet", n=20, seed=0)
+    config = DataConfig(**layout_for_backbone("maskformer", path=str(data)))
+    with pytest.raises(DataError, match="drop --split-ratios"):
+        open_data(config=config, split_ratios=[0.8, 0.1, 0.1]).plan()

@@ -90,20 +90,8 @@ def test_extract_kill_resume_verify_train_sweep_rm_on_s3(tmp_path, s3):
     data = fx.make_data(tmp_path / "data.npz", n=N)
     ckpt, _ = fx.lightning_checkpoint(tmp_path / "model.ckpt")
     slow = tmp_path / "slow.yaml"
-    slow.write_text(f"""backbone:
-  class_path: extract_fixtures.SlowNet
-  taps:
-    pooled/mean: seq
-  pooling:
-    pooled/mean: mean
-data:
-  format: arrays
-  path: {data}
-  inputs: [x]
-  targets: [label]
-  split: split
-batch_size: 4
-""")
+    fx.arrays_config(slow, data=data, class_path="extract_fixtures.SlowNet", taps={"pooled/mean": "seq"},
+                     pooling={"pooled/mean": "mean"}, batch_size=4)
     log = tmp_path / "forwards.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "FTPIPE_TEST_FORWARD_LOG": str(log), "OMP_NUM_THREADS": "1"}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.heads.attn_pool import AttentionPool, AttnPoolNet, masked_mean, masked_softmax
+from pipeline.blocks import masked_mean, masked_softmax
+from pipeline.heads.attn_pool import AttentionPool, AttnPoolNet
 from pipeline.heads.object_valid import ObjectValidNet, masked_bce
 from pipeline.heads.vae_fusion import VaeFusionNet, uncertainty_fusion
 
@@ -212,8 +213,8 @@ def test_attn_pool_beats_a_mean_pooled_linear_head_when_one_step_matters() -> No
 
 
 def test_attn_pool_over_dense_per_object_embeddings_is_permutation_invariant() -> None:
-    from pipeline.heads.base import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     family = HEADS.get("attn-pool")
     net, _ = family.resolve_params({"features": "objects/embed", "hidden": 8})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from pipeline.train.sweep import run_sweep
 from pipeline.train.sweep_spec import SweepSpec
@@ -210,3 +211,18 @@ def test_in_turn_sweep_shows_each_runs_live_losses_under_the_bar_of_runs(tmp_pat
     err = capsys.readouterr().err
     assert "sweep live" in err  # the bar of runs, with the finished run's ranking metric
     assert "step" in err and "val_loss=" in err and "train_loss=" in err  # the current run's live losses
+
+
+def test_cli_sweep_with_a_failed_configuration_exits_1_after_recording_the_rest(tmp_path: Path, monkeypatch):
+    from cli import main
+    from pipeline.results.records import read_results
+
+    key = tiny_cache(tmp_path / "cache")
+    fail_fit_at_lr(monkeypatch, 1e-2)
+    args = ["sweep", "--cache", key, "--cache-root", str(tmp_path / "cache"), "--arch", "linear",
+            "--set", "lr=1e-3,1e-2", "--epochs", "1", "--target", "label", "--device", "cpu", "--strategy", "in-turn",
+            "--runs-dir", str(tmp_path / "runs")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "1 configuration(s) failed" in result.output and "FAILED" in result.output
+    assert len(read_results(runs_dir=tmp_path / "runs")) == 1  # the other configuration is recorded

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import extract_fixtures as fx
-import numpy as np
 import pytest
 
 from cache.layout import read_records

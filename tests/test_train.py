@@ -16,7 +16,7 @@ from cache_fixtures import synthetic_cache
 from cache.reader import open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
-from pipeline.train.fit import fit, load_features, run_train_head
+from pipeline.train.fit import FeatureSet, fit, load_features, run_train_head
 
 CPU = torch.device("cpu")
 
@@ -195,3 +195,33 @@ def test_best_val_weights_kept_and_early_stopping(root):
     best = min(h["val_loss"] for h in r.history)
     assert [h["epoch"] for h in r.history if h["best"]] == [min(r.history, key=lambda h: h["val_loss"])["epoch"]]
     assert r.metrics["val"]["log_loss"] == pytest.approx(best, abs=1e-4)  # the restored weights are the best epoch's
+
+
+def _random_features(y: np.ndarray, split: np.ndarray, *, d: int = 6, seed: int = 0) -> FeatureSet:
+    x = np.random.default_rng(seed).standard_normal((len(split), d)).astype(np.float32)
+    return FeatureSet.from_tensors(arrays={"pooled/mean": x}, targets={"y": y}, split=split, device=CPU)
+
+
+@pytest.mark.parametrize("arch", ["linear", "lightgbm"])
+def test_selection_split_without_any_target_is_a_clear_error(arch):
+    # Every val target missing: there is nothing to select or early-stop on. Torch heads used to "select"
+    # epoch 1 on a val loss of 0, LightGBM crashed with its own LightGBMError (which a sweep does not catch).
+    rng = np.random.default_rng(1)
+    split = np.array([0] * 80 + [1] * 20 + [2] * 20, dtype=np.uint8)
+    y = rng.integers(0, 2, size=len(split)).astype(np.float32)
+    y[80:100] = np.nan
+    params = {"n_estimators": 5, "num_threads": 1} if arch == "lightgbm" else {}
+    with pytest.raises(TrainError, match=r"no val row with a usable target"):
+        fit(config=TrainConfig(arch=arch, epochs=2, params=params), features=_random_features(y, split))
+
+
+def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
+    from pipeline.train.sweep import fit_group_stacked
+
+    rng = np.random.default_rng(2)
+    split = np.array([0] * 80 + [1] * 20 + [2] * 20, dtype=np.uint8)
+    y = rng.integers(0, 2, size=len(split)).astype(np.float32)
+    y[80:100] = np.nan
+    configs = [TrainConfig(arch="linear-sgd", epochs=2, seed=s) for s in (0, 1)]
+    with pytest.raises(TrainError, match=r"no val row with a usable target"):
+        fit_group_stacked(configs=configs, features=_random_features(y, split))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.backbones.base import (
     DEFAULT_DROP_PATTERNS,
@@ -286,8 +287,6 @@ class GenericBackbone:
     probe_samples = 2  # samples run once to learn the output shapes (the taps are the user's)
 
     def __init__(self, *, module: Any, config: BackboneConfig, input_keys: list[str], init_args: dict[str, Any]) -> None:
-        import torch
-
         if not isinstance(module, torch.nn.Module):
             raise ConfigError(f"backbone.class_path {config.class_path!r} built a {type(module).__name__}, "
                               "not a torch.nn.Module")
@@ -331,8 +330,6 @@ class GenericBackbone:
 
     def forward_taps(self, batch: dict[str, Any], *, device: Any) -> dict[str, Any]:
         """Run the model once; returns every tap (pooled where configured), on ``device``."""
-        import torch
-
         _pad_groups(batch, self.input_keys)
         args = [batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
                 for k in self.input_keys]
@@ -372,7 +369,6 @@ class GenericBackbone:
 
     def probe(self, batch: dict[str, Any], *, device: Any, float_dtype: str) -> None:
         """Learn each tap's per-sample shape and dtype from one batch of the loaded model."""
-        import torch
 
         from cache.schema import ArraySpec
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.schema import LOGIT_FILL
-from pipeline import blocks as pooling
 from pipeline.backbones.base import (
     STAGE_ONE_RULES,
     BackboneFamily,
@@ -45,6 +44,7 @@ from pipeline.backbones.base import (
     register_family,
     resolve_init_args,
 )
+from pipeline.blocks import mlp, pool
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError, DataError
 
@@ -99,17 +99,13 @@ class Attention(nn.Module):
         return y
 
 
-def _mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim=dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _mlp(dim, mlp_ratio * dim, dim)
+        self.mlp = mlp(dim, mlp_ratio * dim, dim, activation="gelu")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
@@ -125,7 +121,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim=dim, num_heads=num_heads)
         self.norm3 = nn.LayerNorm(dim)
-        self.mlp = _mlp(dim, mlp_ratio * dim, dim)
+        self.mlp = mlp(dim, mlp_ratio * dim, dim, activation="gelu")
 
     def forward(self, q: torch.Tensor, hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         y = self.norm1(q)
@@ -145,13 +141,13 @@ class MaskFormer(nn.Module):
         self.n_features, self.dim, self.num_queries = n_features, dim, num_queries
         self.register_buffer("input_mean", torch.zeros(n_features))
         self.register_buffer("input_std", torch.ones(n_features))
-        self.input_net = _mlp(n_features, dim, dim)
+        self.input_net = mlp(n_features, dim, dim, activation="gelu")
         self.encoder = nn.ModuleList(EncoderLayer(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(encoder_layers))
         self.encoder_norm = nn.LayerNorm(dim)
         self.query_initial = nn.Parameter(torch.randn(num_queries, dim) * 0.5)
         self.decoder = nn.ModuleList(DecoderLayer(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(decoder_layers))
         self.decoder_norm = nn.LayerNorm(dim)
-        self.valid_net = _mlp(dim, dim, 1)
+        self.valid_net = mlp(dim, dim, 1, activation="gelu")
         self.assign_query = nn.Linear(dim, dim)
         self.assign_hit = nn.Linear(dim, dim)
 
@@ -178,7 +174,7 @@ class RegressionHead(nn.Module):
 
     def __init__(self, *, dim: int) -> None:
         super().__init__()
-        self.net = _mlp(dim, dim, 4)
+        self.net = mlp(dim, dim, 4, activation="gelu")
 
     def forward(self, objects: torch.Tensor) -> torch.Tensor:
         return self.net(objects)
@@ -400,7 +396,7 @@ class MaskFormerBackbone:
             "hits/embed": out["hits"][ev.mask],
             "hits/features": batch[HITS].to(device),
             "assign/logits": out["assign_logits"].transpose(1, 2)[ev.mask],
-            "pooled/mean": pooling.pool(out["hits"], mode="mean", mask=ev.mask),
+            "pooled/mean": pool(out["hits"], mode="mean", mask=ev.mask),
             "pooled/objects": (torch.sigmoid(out["valid_logit"].float()).unsqueeze(-1) * out["objects"].float()).mean(1),
         }
         if self.particle_fields:

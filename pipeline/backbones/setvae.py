@@ -43,6 +43,7 @@ from pipeline.backbones.base import (
     register_family,
     resolve_init_args,
 )
+from pipeline.blocks import mlp, pool
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError, DataError
 
@@ -168,7 +169,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim=dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = mlp(dim, 2 * dim, dim, activation="gelu")
 
     def forward(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,7 +204,7 @@ class SetDecoder(nn.Module):
 
     def __init__(self, *, n_variables: int, dim: int, latent_dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU())
+        self.net = mlp(latent_dim, [dim, dim], None, activation="gelu")
         self.presence = nn.Linear(dim, n_variables)
         self.value = nn.Linear(dim, n_variables)
 
@@ -330,19 +331,7 @@ class SeqSetVAE(nn.Module):
 
 def pool_sequence(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """``attn`` (query = mean of valid steps, softmax of dot products), ``mean``, ``last``; zeros for empty samples."""
-    m = mask.unsqueeze(-1).to(h.dtype)
-    n = mask.sum(dim=1)
-    mean = (h * m).sum(dim=1) / n.clamp(min=1).unsqueeze(-1).to(h.dtype)
-    scores = (h * mean.unsqueeze(1)).sum(dim=-1).masked_fill(~mask, float("-inf"))
-    # an empty sample would softmax over all -inf (NaN); give it a finite row and zero it below
-    scores = torch.where(n[:, None] > 0, scores, torch.zeros_like(scores))
-    attn = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(dim=1)
-    # the last valid step by position (= n - 1 for right padding; also right where a padded batch has gaps)
-    steps = torch.arange(h.shape[1], device=h.device)
-    last = h[torch.arange(h.shape[0], device=h.device), (steps * mask.long()).argmax(dim=1)]
-    empty = (n == 0).unsqueeze(-1)
-    return {name: torch.where(empty, torch.zeros_like(x), x) for name, x in
-            (("attn", attn), ("mean", mean), ("last", last))}
+    return {mode: pool(h, mode, mask=mask) for mode in ("attn", "mean", "last")}
 
 
 def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:

@@ -259,12 +259,6 @@ def finetune_groups(module: VisionTransformer) -> dict[str, list[str]]:
             "gradual": [rf"^blocks\.({last})\.|^norm\."]}
 
 
-def build_trainable(*, init_args: dict[str, Any]) -> VisionTransformer:
-    """The stage-one model: the backbone plus its ``head`` Linear."""
-    args = resolve_init_args(family="vit", defaults=DEFAULT_INIT_ARGS, hparams={}, overrides=init_args)
-    return VisionTransformer(**args)
-
-
 # ---------------------------------------------------------------- family record
 
 FAMILY = register_family(BackboneFamily(

@@ -75,7 +75,7 @@ def _fingerprint(files: list[Path], root: Path) -> str:
     try:
         from cache.key import data_fingerprint
     except ImportError:  # the cache package's helper is the one source of truth once present
-        data_fingerprint = None
+        data_fingerprint = None  # type: ignore[assignment]
     if data_fingerprint is not None:
         return str(data_fingerprint(root))
     h = hashlib.sha256()
@@ -326,7 +326,7 @@ class ParquetSource:
             flat = _to_float(col.combine_chunks().flatten())
             targets[name] = flat.reshape(n, int(lengths[0]) if n else 0)
 
-        lengths = self._lengths()
+        ragged_lengths = self._lengths()
         meta = {
             "format": "parquet",
             "inputs": list(config.inputs),
@@ -342,7 +342,7 @@ class ParquetSource:
             split=split,
             split_names=SPLIT_NAMES,
             targets=targets,
-            ragged_lengths=lengths,
+            ragged_lengths=ragged_lengths,
             fingerprint=_fingerprint(self.files, self.root),
             meta=meta,
         )

@@ -51,7 +51,7 @@ def _files(path: Path, suffix: str) -> list[Path]:
 def _read_table(config: DataConfig, files: list[Path], columns: list[str], optional: list[str]) -> Any:
     import pyarrow as pa
 
-    tables = []
+    tables: list[Any] = []
     for f in files:
         if config.format == "csv":
             import pyarrow.csv as pacsv
@@ -251,6 +251,7 @@ class TextSource:
 
     def dataset(self) -> "TextDataset":
         self.plan()
+        assert self._texts is not None  # plan() read them
         return TextDataset(self._texts)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

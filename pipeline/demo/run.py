@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
@@ -46,7 +48,7 @@ class DemoFamily:
     finetune: dict[str, Any] | None = None
 
 
-POOLED_GRID = [
+POOLED_GRID: list[dict[str, Any]] = [
     {"arch": ["linear", "mlp2", "mlp3"], "lr": [1.0e-3]},
     {"arch": ["lightgbm"]},
 ]
@@ -265,7 +267,6 @@ def _indent(text: str) -> str:
 
 def _mean_predictor_resolution(*, cache_path: Path, target: str) -> float:
     """logres68 on test of always predicting the train mean (the bar a regression head must clear)."""
-    import numpy as np
 
     from cache.reader import open_cache
     from pipeline.results.metrics import regression_metrics
@@ -281,7 +282,6 @@ def _mean_predictor_resolution(*, cache_path: Path, target: str) -> float:
 def _finetune_export_predict(*, fam: DemoFamily, sweeps: dict[str, Any], runs_dir: Path, work: Path, data_path: Path,
                              device: Any, echo: Echo) -> dict[str, Any]:
     """Phase three: fine-tune the best torch head's run (warm start), export it, predict with the file."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     from pipeline.finetune.export import export_run
@@ -290,7 +290,7 @@ def _finetune_export_predict(*, fam: DemoFamily, sweeps: dict[str, Any], runs_di
     from pipeline.registry import HEADS
     from pipeline.results.records import leaderboard
 
-    cfg = FinetuneConfig(**{**fam.finetune, "device": device.type})
+    cfg = FinetuneConfig(**{**(fam.finetune or {}), "device": device.type})
     echo(f"\n[+] phase three: {cfg.strategy} fine-tune of the {fam.backbone} from the best cached head, export, "
          "predict")
     sweep = fam.sweeps[0]

@@ -18,6 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +58,6 @@ class OverheadReport:
 
 
 def _backbone(*, d_in: int, d_model: int, layers: int, heads: int) -> Any:
-    import torch.nn as nn
-
     class Frozen(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -70,9 +72,16 @@ def _backbone(*, d_in: int, d_model: int, layers: int, heads: int) -> Any:
     return Frozen()
 
 
-def _data(*, n: int, seq_len: int, d_in: int, seed: int) -> tuple[Any, Any, Any]:
-    import torch
+def _module(head: Any) -> nn.Module:
+    """The torch module of a built head (the speed figures time torch heads only)."""
+    from pipeline.heads.base import TorchHead
 
+    if not isinstance(head, TorchHead):
+        raise TypeError(f"speed is measured on torch heads; {head.name!r} is not one")
+    return head.module
+
+
+def _data(*, n: int, seq_len: int, d_in: int, seed: int) -> tuple[Any, Any, Any]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, seq_len, d_in, generator=g)
     y = (x[:, :, 0].mean(dim=1) > 0).float()
@@ -86,7 +95,6 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
                          layers: int = 4, heads: int = 4, arch: str = "mlp2", batch_size: int = 256,
                          epochs: int = 5, old_batches: int = 4, device: Any = None, seed: int = 0) -> SpeedReport:
     """Per-epoch time of one head: frozen backbone + DataLoader per batch vs cached features (see module doc)."""
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.config import TrainConfig
@@ -111,7 +119,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 
     # the old way: same head, backbone on every batch, DataLoader (measured over `old_batches` batches)
     head = build_head(config=config, features=feats, task=task)
-    module = head.module
+    module = _module(head)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
     train_idx = torch.nonzero(split == 0).flatten()
     loader = DataLoader(TensorDataset(x[train_idx], y[train_idx].long()), batch_size=batch_size, shuffle=True)
@@ -132,7 +140,7 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 
     # the cached way: the trainer, per epoch (median)
     head = build_head(config=config, features=feats, task=task)
-    hist = fit_module(module=head.module, inputs=head.inputs, task=task, features=feats, target="y",
+    hist = fit_module(module=_module(head), inputs=head.inputs, task=task, features=feats, target="y",
                       train_rows=feats.rows("train"), val_rows=feats.rows("val"), config=config)
     cached_epoch = statistics.median(r["seconds"] for r in hist)
     cfg = {"seq_len": seq_len, "d_in": d_in, "d_model": d_model, "layers": layers, "heads": heads, "arch": arch,
@@ -144,7 +152,6 @@ def measure_head_speedup(*, n_samples: int = 4096, seq_len: int = 64, d_in: int 
 def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str = "mlp2", batch_size: int = 256,
                              epochs: int = 5, device: Any = None, seed: int = 0) -> OverheadReport:
     """``fit_module`` per epoch vs a bare index-sliced loop doing the same optimisation on the same tensors."""
-    import torch
 
     from pipeline.config import TrainConfig
     from pipeline.task import Task
@@ -162,12 +169,12 @@ def measure_trainer_overhead(*, n_samples: int = 20000, d: int = 128, arch: str 
     train_rows, val_rows = feats.rows("train"), feats.rows("val")
 
     head = build_head(config=config, features=feats, task=task)
-    hist = fit_module(module=head.module, inputs=head.inputs, task=task, features=feats, target="y",
+    hist = fit_module(module=_module(head), inputs=head.inputs, task=task, features=feats, target="y",
                       train_rows=train_rows, val_rows=val_rows, config=config)
     trainer = statistics.median(r["seconds"] for r in hist)
 
     head = build_head(config=config, features=feats, task=task)
-    module = head.module
+    module = _module(head)
     xs, ys = feats.arrays["pooled/mean"], feats.targets["y"].long()
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
     times = []
@@ -201,8 +208,6 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     through the DataLoader, run through the frozen, verified backbone under no_grad, then one optimiser step;
     timed over ``old_batches`` batches and extrapolated to the epoch.
     """
-    import numpy as np
-    import torch
     from torch.utils.data import DataLoader
 
     from cache.ragged import Ragged
@@ -238,7 +243,7 @@ def measure_backbone_speedup(*, config: Any, checkpoint: Any, cache_path: Any, h
     batches = [b for b in batches if len(b) > 1]  # BatchNorm heads cannot train on one row
     loader = DataLoader(source.dataset(), batch_sampler=batches, collate_fn=source.collate,
                         pin_memory=device.type == "cuda")
-    module, task = result.head.module, result.task
+    module, task = _module(result.head), result.task
     module.train()
     opt = torch.optim.AdamW(module.parameters(), lr=train_cfg.lr)
     target_name = f"targets/{head['target']}"

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
+
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,6 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 
 def _read_torchscript(path: Path) -> Checkpoint:
-    import torch
-
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still have the files
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -143,8 +143,6 @@ def _read_torchscript(path: Path) -> Checkpoint:
 
 def _read_torch(path: Path, *, trust: bool) -> Checkpoint:
     import pickle
-
-    import torch
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust)
@@ -211,14 +209,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_tensor_map(obj: Any) -> bool:
-    import torch
-
     return isinstance(obj, Mapping) and len(obj) > 0 and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _unwrap(obj: Any, path: Path) -> Checkpoint:
-    import torch
-
     if isinstance(obj, torch.nn.Module):  # torch.save(model) (only loadable with --trust-checkpoint)
         return Checkpoint(state_dict=dict(obj.state_dict()), hyper_parameters={}, format="state_dict", path=path)
     if not isinstance(obj, Mapping):

@@ -25,6 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+import torch.distributed as dist
+
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,16 +55,12 @@ class Coordinator:
 
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (other ranks' argument is ignored)."""
         if not self.distributed:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]  # type: ignore[return-value]
@@ -83,17 +82,7 @@ class Coordinator:
         kind, value = self.broadcast(outcome)
         if kind == "err":
             raise value
-        return value  # type: ignore[no-any-return]
-
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank only when ``ok`` is True on every rank (a failed rank must stop rank 0 completing)."""
-        if not self.distributed:
-            return ok
-        import torch.distributed as dist
-
-        box: list[Any] = [None] * self.world_size
-        dist.all_gather_object(box, bool(ok))
-        return all(box)
+        return value
 
     def assign(self, ids: list[int]) -> list[int]:
         """This rank's disjoint share of ``ids``: round robin over the sorted ids."""
@@ -101,8 +90,6 @@ class Coordinator:
 
     def close(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -126,9 +113,6 @@ def from_environment(*, device: str = "auto") -> Coordinator:
     if world_size <= 1:
         return Coordinator()
     coord = Coordinator(rank=rank, world_size=world_size, local_rank=local_rank, distributed=True)
-    import torch
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return coord
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
@@ -152,8 +136,6 @@ def from_environment(*, device: str = "auto") -> Coordinator:
 
 def rank_device(coord: Coordinator, device: Any) -> Any:
     """Each rank on its own local GPU: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    import torch
-
     if coord.distributed and device.type == "cuda" and device.index is None:
         return torch.device("cuda", coord.local_rank % torch.cuda.device_count())
     return device

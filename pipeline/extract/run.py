@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline import __version__
 from pipeline.config import ExtractConfig, resolve_device, to_dict
@@ -206,8 +207,6 @@ def _batches(runs: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
 
 
 def _torch_dtype(name: str) -> Any:
-    import torch
-
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
             "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
             "uint8": torch.uint8, "bool": torch.bool}[name]
@@ -218,8 +217,6 @@ MASKED_SPLIT = 255  # split code of samples masked for non-finite outputs: in no
 
 def _nonfinite_samples(t: Any, *, spec: Any, lengths: dict[str, np.ndarray], start: int, stop: int) -> np.ndarray:
     """Batch positions (0..B-1) of the samples with a NaN/inf anywhere in ``t`` (dense or flat ragged rows)."""
-    import torch
-
     bad_rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).cpu().numpy() if t.ndim else np.zeros(0, bool)
     if spec.ragged is None:
         return np.flatnonzero(bad_rows)
@@ -235,8 +232,6 @@ def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: di
     Non-finite float outputs stop the run with a DataError naming the samples and the tap, or, with
     ``nonfinite="mask"``, are stored as 0 and their batch positions added to ``masked``.
     """
-    import torch
-
     names = {s.name for s in specs}
     missing, extra = sorted(names - set(outputs)), sorted(set(outputs) - names)
     if missing or extra:
@@ -288,8 +283,6 @@ def _check_and_convert(outputs: dict[str, Any], *, specs: list[Any], lengths: di
 
 def _autocast(device: Any, dtype: str) -> Any:
     """Autocast only on CUDA, in the storage precision; float32 storage means the user wants full precision."""
-    import torch
-
     if device.type != "cuda" or dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
@@ -411,7 +404,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                        "dropped": list(report.dropped), "frozen_parameters": report.frozen},
         "extract": {"dtype": config.dtype, "extractor_version": EXTRACTOR_VERSION, "device": device.type},
         # where the inputs were (not part of the key): `ftpipe finetune` re-reads them, re-hashing the checkpoint
-        "sources": {"checkpoint": str(checkpoint.resolve()), "data": str(Path(config.data.path).resolve()),
+        "sources": {"checkpoint": str(checkpoint.resolve()), "data": str(Path(config.data.path).resolve()) if config.data.path else None,
                     "config_dir": str(Path(config_dir).resolve()) if config_dir is not None else None,
                     "trust_checkpoint": bool(config.trust_checkpoint)},
     }
@@ -464,7 +457,6 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
 def _run_batches(*, backbone: Any, name: str, source: Any, dataset: Any, plan: Any, batches: list[list[int]],
                  specs: list[Any], lengths: dict[str, np.ndarray], writer: Any, config: ExtractConfig, device: Any,
                  progress: bool) -> int:
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 

@@ -43,7 +43,7 @@ class ComposedModel(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.adapter.run(batch, device=self.device)
         arrays: dict[str, Any] = {}
-        n = None
+        n = 0
         for name in self.inputs:
             spec = self.specs[name]
             v = out[name]

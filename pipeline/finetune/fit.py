@@ -6,7 +6,7 @@ Notable features:
   candidate for best-on-val, so a fine-tune never ends worse on val than its probe;
 - a DataLoader over the original data through the readers extract uses (the backbone is in the loop);
 - AdamW with per-group lrs (``strategies.param_groups``), linear warm-up + cosine per phase
-  (``pipeline.train.fit.lr_factor``, applied to each group's own lr), gradient clipping, bf16 autocast on CUDA
+  (``pipeline.train.loop.lr_factor``, applied to each group's own lr), gradient clipping, bf16 autocast on CUDA
   (written, not run here: no GPU was available), early stopping (``patience`` epochs without a better val
   loss ends a phase; in ``gradual`` that unfreezes the next group), best-on-val weights restored at every
   phase end;
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from pipeline.config import DEVICES
 from pipeline.errors import ConfigError, TrainError
@@ -87,7 +88,6 @@ def index_batches(rows: np.ndarray, *, batch_size: int, rng: np.random.Generator
 
 def iterate(run: Any, batches: list[list[int]], *, num_workers: int = 0) -> Iterator[tuple[list[int], dict, dict]]:
     """(indices, collated batch, ragged lengths of those samples) through the reader extract uses."""
-    import torch
     from torch.utils.data import DataLoader
 
     loader = DataLoader(run.dataset, batch_sampler=batches, collate_fn=run.source.collate,
@@ -98,8 +98,6 @@ def iterate(run: Any, batches: list[list[int]], *, num_workers: int = 0) -> Iter
 
 def autocast(device: Any) -> Any:
     """bf16 autocast on CUDA only (CPU autocast is slower than float32 for these sizes)."""
-    import torch
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -111,8 +109,6 @@ def autocast(device: Any) -> Any:
 def train_step(*, model: Any, batch: dict, lengths: dict, y: Any, task: Any, opt: Any, sched: Any,
                grad_clip: float) -> Any:
     """Forward backbone + head on one DataLoader batch, loss, backward, clip, optimiser and scheduler step."""
-    import torch
-
     with autocast(model.device):
         out = model(batch, lengths)
     loss = task.loss_fn(out, y)
@@ -127,8 +123,6 @@ def train_step(*, model: Any, batch: dict, lengths: dict, y: Any, task: Any, opt
 
 def outputs(*, run: Any, rows: np.ndarray, batch_size: int, num_workers: int = 0) -> Any:
     """Raw outputs of the composed model for ``rows`` (eval mode, no grad), float32 on the model's device."""
-    import torch
-
     run.model.eval()
     outs = []
     with torch.inference_mode(), autocast(run.model.device):
@@ -163,7 +157,6 @@ def fit_phases(*, run: Any, config: FinetuneConfig, progress: bool = False,
                on_step: Any = None) -> FinetuneResult:
     """Train ``run.model`` in place through the strategy's phases; keep the best-on-val weights.
     ``on_step(phase_index, step, optimizer)`` is called after each optimiser step (tests read lrs there)."""
-    import torch
 
     from pipeline.finetune import strategies as S
     from pipeline.train.fit import cpu_threads
@@ -186,12 +179,12 @@ def fit_phases(*, run: Any, config: FinetuneConfig, progress: bool = False,
 
 def _fit_phases(*, run: Any, config: FinetuneConfig, progress: bool, on_step: Any, t0: float, layout: Any,
                 plan_phases: list, rng: np.random.Generator) -> FinetuneResult:
-    import torch
     from tqdm.auto import tqdm
 
     from pipeline.finetune import strategies as S
     from pipeline.results import metrics as M
-    from pipeline.train.fit import has_batchnorm, lr_factor
+    from pipeline.train.fit import has_batchnorm
+    from pipeline.train.loop import lr_factor
 
     model, task, device = run.model, run.task, run.model.device
     y_all = torch.as_tensor(run.targets())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from pipeline.errors import ConfigError, DataError, FtpipeError
 
@@ -100,7 +101,6 @@ def _open(meta: dict[str, Any], data: Path) -> tuple[Any, Any]:
 
 def run_predict(*, model: Path, data: Path, out: Path, batch_size: int = 64, device: str = "auto",
                 progress: bool = False) -> dict[str, Any]:
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.errors import CheckpointError, ConfigError, DataError, FtpipeError
 
@@ -130,12 +131,10 @@ def verified_checkpoint(*, cache: Any, sources: dict[str, Any], checkpoint: Path
 def build_head(*, record: dict[str, Any], run_dir: Path, specs: dict[str, Any], device: Any,
                purpose: str) -> tuple[Any, Any, tuple[str, ...]]:
     """The run's head through the registry (build) and the Head protocol (load its saved weights)."""
-    from pipeline.heads.base import Task
     from pipeline.registry import HEADS
+    from pipeline.task import Task
 
     train = record["train"]
-    import torch
-
     family = HEADS.get(train["arch"])
     net, _ = family.resolve_params(train.get("params") or {})
     task = Task.from_dict(record["task"])

@@ -10,7 +10,7 @@
   ``lr_decay.py``: embeddings depth 0, block i at i + 1, head at the top);
   ``full`` everything at one lr; ``partial`` only what ``--unfreeze`` names (plus the head).
 - 1-D parameters (biases, norms, tokens) never get weight decay. Each param group carries its own peak lr
-  and the schedule (``pipeline.train.fit.lr_factor`` through ``LambdaLR``) multiplies every group's own
+  and the schedule (``pipeline.train.loop.lr_factor`` through ``LambdaLR``) multiplies every group's own
   initial lr, so warm-up, cosine and the minimum lr are all scaled per group (a scheduler that overwrote
   group lrs with one value would make LLRD silently do nothing; tests/test_finetune.py checks the lrs).
 - A module whose parameters are all frozen runs in eval mode (frozen BatchNorm keeps its running

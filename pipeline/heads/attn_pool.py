@@ -6,8 +6,9 @@ Notable features:
   added to the mean query (``learned_query: true``) and the dot products are scaled by 1/sqrt(D)
   (``scaled: true``, default: the predecessor did not scale, which makes the softmax very peaked
   on wide embeddings).
-- Masking is exact: padded steps get a finite large-negative score and zero weight, so the same
-  sample padded to any length gives the same output; an empty sequence pools to zeros (finite).
+- Masking is exact (``pipeline.blocks``): padded steps get zero weight at any score magnitude, so the
+  same sample padded to any length gives the same output; an empty sequence pools to zeros (finite,
+  with a finite gradient).
 - Reads a ragged array (default ``seq/embed``) or a dense ``(N, Q, D)`` array (``objects/embed``,
   every object present); the trainer pads ragged batches on the device (no DataLoader).
 - Measured on the built-in ``icu`` cache (setvae, 1200 stays, 3 seeds): attn-pool test AUROC 0.848
@@ -29,26 +30,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.blocks import attention_weights, masked_attention_pool, mlp
 from pipeline.errors import TrainError
 from pipeline.heads.base import torch_head
-
-# Finite fill for padded scores: exp(fill - max) underflows to exactly 0 in float32, and unlike -inf
-# it never produces NaN (an all-padding row would otherwise softmax to NaN).
-SCORE_FILL = -1.0e4
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` (B, L, D) over the valid steps of ``mask`` (B, L); zeros for an empty row."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
-    """Softmax over valid entries only; an all-padding row gives all-zero weights (never NaN)."""
-    scores = scores.masked_fill(~mask, SCORE_FILL)
-    w = torch.softmax(scores, dim=dim) * mask.to(scores.dtype)
-    # Renormalise: a no-op for rows with a valid entry, and turns the all-padding row into zeros.
-    return w / w.sum(dim=dim, keepdim=True).clamp_min(1e-12)
 
 
 class AttentionPool(nn.Module):
@@ -61,14 +45,10 @@ class AttentionPool(nn.Module):
         self.query = nn.Parameter(torch.zeros(dim)) if learned_query else None
 
     def weights(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        query = masked_mean(x, mask)
-        if self.query is not None:
-            query = query + self.query
-        scores = (x * query.unsqueeze(1)).sum(dim=-1) * self.scale
-        return masked_softmax(scores, mask, dim=1)
+        return attention_weights(x, mask, query=self.query, scale=self.scale)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (self.weights(x, mask).unsqueeze(-1) * x).sum(dim=1)
+        return masked_attention_pool(x, mask, query=self.query, scale=self.scale)
 
 
 NORMS = ("layer", "batch", "none")
@@ -78,22 +58,9 @@ def light_mlp(
     *, in_dim: int, out_dim: int, hidden: int | None, dropout: float, norm: str = "layer"
 ) -> nn.Sequential:
     """The predecessor's light head: in -> hidden (default in/2), norm, ReLU, dropout -> out, Xavier init."""
-    hidden = hidden or max(in_dim // 2, 1)
-    norm_layer: nn.Module = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}.get(
-        norm, lambda _: nn.Identity()
-    )(hidden)
-    net = nn.Sequential(
-        nn.Linear(in_dim, hidden),
-        norm_layer,
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, out_dim),
-    )
-    for m in net:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    return net
+    # norm "none" keeps an Identity in the norm's slot: the parameter names stay those of a normed net
+    return mlp(in_dim, hidden or max(in_dim // 2, 1), out_dim, dropout=dropout, activation="relu",
+               norm=norm if norm in ("layer", "batch") else "identity", init="xavier")
 
 
 class AttnPoolNet(nn.Module):

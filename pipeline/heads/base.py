@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
+import numpy as np
+import torch
+
 from pipeline.errors import ConfigError, TrainError
 from pipeline.registry import register_head
-from pipeline.task import LOSSES, TASK_KINDS, Task  # noqa: F401  (Task lives in pipeline.task; re-exported)
+from pipeline.task import TASK_KINDS, Task
 
-if TYPE_CHECKING:  # torch stays a lazy import for `ftpipe --help`
-    import numpy as np
-    import torch
-
+if TYPE_CHECKING:
     from pipeline.config import TrainConfig
     from pipeline.train.fit import FeatureSet
 
@@ -165,8 +165,6 @@ class TorchHead:
 
     def outputs(self, *, features: "FeatureSet", rows: "torch.Tensor", batch_size: int = 4096) -> "torch.Tensor":
         """Raw (encoded-space) outputs, eval mode, no grad, on the features' device."""
-        import torch
-
         self.module.eval()
         outs = []
         with torch.inference_mode():

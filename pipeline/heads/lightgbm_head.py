@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
+import torch
+
 from pipeline.errors import TrainError
 from pipeline.heads.base import HeadFamily, pooled_inputs
 from pipeline.registry import register_head
 from pipeline.task import Task
 
 if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
     from pipeline.config import TrainConfig
     from pipeline.train.fit import FeatureSet
 
@@ -101,8 +101,6 @@ class LightGBMHead:
     # -- data ------------------------------------------------------------------------------
 
     def matrix(self, *, features: "FeatureSet", rows: "torch.Tensor") -> "np.ndarray":
-        import numpy as np
-
         b = features.batch(self.inputs, rows)
         return np.concatenate([b[n].float().cpu().numpy() for n in self.inputs], axis=1)
 
@@ -118,8 +116,6 @@ class LightGBMHead:
     def fit(self, *, features: "FeatureSet", target: str, train_rows: "torch.Tensor", val_rows: "torch.Tensor",
             config: "TrainConfig", progress: bool = False) -> list[dict[str, float]]:
         import lightgbm as lgb
-        import numpy as np
-        import torch
 
         ytr, ktr = self.labels(features=features, target=target, rows=train_rows)
         yva, kva = self.labels(features=features, target=target, rows=val_rows)
@@ -168,9 +164,6 @@ class LightGBMHead:
         return self.booster.predict(x, num_iteration=self.best_iteration)
 
     def predict(self, *, features: "FeatureSet", rows: "torch.Tensor", batch_size: int = 4096) -> "np.ndarray":
-        import numpy as np
-        import torch
-
         p = self.raw_predict(self.matrix(features=features, rows=rows))
         if self.task.kind == "classify":
             return np.stack([1 - p, p], axis=1) if self.task.n_outputs == 2 else p

@@ -1,5 +1,5 @@
 """MLP heads over pooled features: ``mlp2`` (the predecessor scripts' light head), ``mlp3`` and a
-configurable ``mlp``. ``make_mlp`` is reusable by structured heads (attn-pool, weighted-pool, ...).
+configurable ``mlp``; the layers come from ``pipeline.blocks.mlp`` (shared with the structured heads).
 
 - ``mlp2``: D -> D/2, BatchNorm, ReLU, dropout 0.1 -> outputs, Xavier init (256 -> 128 -> 2 for D = 256).
 - ``mlp3``: D -> h -> h/2 -> outputs (h = D by default), BatchNorm, ReLU, dropout 0.1, Xavier init.
@@ -9,52 +9,29 @@ configurable ``mlp``. ``make_mlp`` is reusable by structured heads (attn-pool, w
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Sequence
 
+import torch
+from torch import nn
+
+from pipeline import blocks
 from pipeline.errors import ConfigError
 from pipeline.heads.base import torch_head
 
 NORMS = ("batch", "layer", "none")
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
+ACTIVATIONS = tuple(blocks.ACTIVATIONS)
 
 
 def make_mlp(*, d_in: int, hidden: Sequence[int], n_out: int, norm: str = "batch", activation: str = "relu",
-             dropout: float = 0.1, init: str = "xavier") -> Any:
+             dropout: float = 0.1, init: str = "xavier") -> nn.Sequential:
     """Linear -> [norm] -> activation -> dropout, per hidden size, then a Linear to ``n_out``."""
-    import torch.nn as nn
-
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {NORMS}; got {norm!r}")
-    if activation not in ACTIVATIONS:
-        raise ConfigError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    if not 0 <= float(dropout) < 1:
-        raise ConfigError(f"dropout must be in [0, 1); got {dropout!r}")
-    act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}[activation]
-    layers: list[nn.Module] = []
-    d = int(d_in)
-    for h in hidden:
-        h = int(h)
-        if h <= 0:
-            raise ConfigError(f"hidden sizes must be positive; got {list(hidden)}")
-        layers.append(nn.Linear(d, h))
-        if norm == "batch":
-            layers.append(nn.BatchNorm1d(h))
-        elif norm == "layer":
-            layers.append(nn.LayerNorm(h))
-        layers += [act(), nn.Dropout(float(dropout))]
-        d = h
-    layers.append(nn.Linear(d, int(n_out)))
-    net = nn.Sequential(*layers)
-    if init == "xavier":
-        # Xavier: the predecessor scripts' choice for fast convergence of small heads
-        for m in net.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-    elif init != "default":
-        raise ConfigError(f"init must be xavier or default; got {init!r}")
-    return net
+    try:
+        return blocks.mlp(d_in, list(hidden), n_out, dropout=float(dropout), activation=activation, norm=norm,
+                          init=init)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def pooled_dim(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -66,30 +43,22 @@ def pooled_dim(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return sum(s[0] for s in shapes.values())
 
 
-@functools.lru_cache(maxsize=None)
-def _pooled_cls() -> Any:
-    # defined on first use so that importing the heads package (``ftpipe list heads``) does not import torch
-    import torch
-    import torch.nn as nn
+class PooledNet(nn.Module):
+    """Concatenate the pooled inputs (in declared order) and apply ``net``."""
 
-    class PooledNet(nn.Module):
-        """Concatenate the pooled inputs (in declared order) and apply ``net``."""
+    def __init__(self, inputs: Sequence[str], net: nn.Module) -> None:
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.net = net
 
-        def __init__(self, inputs: Sequence[str], net: nn.Module) -> None:
-            super().__init__()
-            self.inputs = tuple(inputs)
-            self.net = net
-
-        def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            x = batch[self.inputs[0]] if len(self.inputs) == 1 else torch.cat([batch[n] for n in self.inputs], -1)
-            return self.net(x)
-
-    return PooledNet
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch[self.inputs[0]] if len(self.inputs) == 1 else torch.cat([batch[n] for n in self.inputs], -1)
+        return self.net(x)
 
 
 def pooled_net(*, inputs: Sequence[str], net: Any) -> Any:
     """An ``nn.Module`` whose forward(batch) concatenates ``inputs`` and applies ``net``."""
-    return _pooled_cls()(inputs, net)
+    return PooledNet(inputs, net)
 
 
 def _hidden_list(params: Mapping[str, Any], d: int) -> list[int]:

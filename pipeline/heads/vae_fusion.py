@@ -21,8 +21,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.blocks import masked_mean
 from pipeline.errors import TrainError
-from pipeline.heads.attn_pool import NORMS, AttentionPool, as_sequence, light_mlp, masked_mean, sequence_mask
+from pipeline.heads.attn_pool import NORMS, AttentionPool, as_sequence, light_mlp, sequence_mask
 from pipeline.heads.base import torch_head
 
 FUSIONS = ("gated", "uncertainty")

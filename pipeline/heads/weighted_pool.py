@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.blocks import mlp
 from pipeline.errors import TrainError
 from pipeline.heads.base import torch_head
 
@@ -51,18 +52,13 @@ def regression_mlp(*, in_dim: int, out_dim: int, hidden: int, layers: int, dropo
     """hepattn's regression head: (Linear, ReLU, LayerNorm, Dropout) x (layers - 1), then Linear."""
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
-    mods: list[nn.Module] = []
-    d = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(d, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]
-        d = hidden
-    mods.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*mods)
+    return mlp(in_dim, hidden, out_dim, depth=layers - 1, dropout=dropout, activation="relu", norm="layer",
+               norm_after_activation=True)
 
 
 def hit_net(*, in_dim: int, out_dim: int) -> nn.Sequential:
     """The small per-hit net (hepattn's Dense): in -> out, GELU, out -> out."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    return mlp(in_dim, out_dim, out_dim, activation="gelu")
 
 
 @dataclass(frozen=True)
@@ -162,6 +158,10 @@ def circle_fit_curvature(x: torch.Tensor, y: torch.Tensor, a: Assignment, *, ori
 class WeightedPoolNet(nn.Module):
     """Objects (B, Q, D), hit features (B, M, F), hit embeds (B, M, E), logits (B, M, Q), hit mask (B, M)
     -> (B, Q, K) outputs in the Task's encoded target space."""
+
+    feature_mean: torch.Tensor  # buffers (registered in __init__)
+    feature_std: torch.Tensor
+    stats_ready: torch.Tensor
 
     def __init__(
         self,

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,6 @@ def run_pretrain(
 
     Returns ``{"checkpoint": str, "backbone": name, "epochs": E, "metrics": {...}, "seconds": s}``.
     """
-    import torch
 
     from pipeline.backbones.base import layout_for_backbone
     from pipeline.config import DataConfig, build

@@ -153,7 +153,7 @@ def load_scored(*, runs_dir: Path, row: dict[str, Any], split: str, by_sample_id
 def _entry_keys(s: Scored) -> np.ndarray:
     if s.objects is None:
         return s.keys
-    return np.rec.fromarrays([s.keys, s.objects], names="k,o")
+    return np.rec.fromarrays([s.keys, s.objects], names="k,o")  # type: ignore[call-overload]  # numpy stub too narrow
 
 
 def align(ref: Scored, other: Scored, *, split: str) -> np.ndarray:
@@ -198,8 +198,8 @@ def to_stats(s: Scored, perm: np.ndarray | None = None) -> S.Predictions:
     else:
         keep = ~np.isnan(target.reshape(len(target), -1)).all(axis=1)
     keep = np.flatnonzero(keep)
-    uniq, units = np.unique(keys[keep], return_inverse=True)
-    units = None if len(uniq) == len(keep) and np.array_equal(keys[keep], uniq) else units
+    uniq, inverse = np.unique(keys[keep], return_inverse=True)
+    units = None if len(uniq) == len(keep) and np.array_equal(keys[keep], uniq) else inverse
     if s.kind == "classify":
         return S.classification(labels=idx[keep], proba=output[keep], units=units, n_units=len(uniq))
     return S.regression(y=target[keep], pred=output[keep], units=units, n_units=len(uniq))
@@ -303,13 +303,13 @@ def verdict(*, metric: str, diff: float, low: float, high: float, p: float, test
 
 def _pair_test(metric: str, a: S.Predictions, b: S.Predictions, diffs: np.ndarray) -> tuple[str, float]:
     """The named paired test for ``metric``: DeLong (AUROC), McNemar exact (accuracy), else the bootstrap."""
-    if metric == "auroc":
+    if metric == "auroc" and a.labels is not None and a.proba is not None and b.proba is not None:
         try:
             r = S.delong(labels=a.labels, proba_a=a.proba, proba_b=b.proba)
             return ("DeLong" if r.classes == 1 else f"DeLong, one-vs-rest macro over {r.classes} classes"), r.p
         except FtpipeError as exc:
             log.warning("DeLong's test not possible (%s); using the paired bootstrap", exc)
-    if metric == "accuracy":
+    if metric == "accuracy" and a.proba is not None and b.proba is not None:
         ca = a.proba.argmax(axis=1) == a.labels
         cb = b.proba.argmax(axis=1) == b.labels
         return "McNemar exact", S.mcnemar_exact(correct_a=ca, correct_b=cb).p

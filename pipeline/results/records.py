@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULTS_SUBDIR = "results"
-ID_COLUMNS = ("config_id", "label", "arch", "params", "target", "task", "cache_key", "select_split", "sweep_id",
-              "strategy", "parent_run")  # the last two: fine-tuned runs (pipeline/finetune)
 # TrainConfig options of the shared SGD trainer: meaningless (and hidden) for heads that fit themselves.
 TRAINER_OPTIONS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "grad_clip", "patience")
 
@@ -77,8 +75,8 @@ def prediction_columns(predictions: Mapping[str, Mapping[str, Any]], *, task: "T
             part["row"] = rows
             pred = pred.reshape(len(rows), -1)
         if y.ndim == 2:  # (n, K) regression
-            for k in range(y.shape[1]):
-                part[f"target_{k}"] = y[:, k]
+            for j in range(y.shape[1]):
+                part[f"target_{j}"] = y[:, j]
         else:
             part["target"] = y
         if task.kind == "classify":
@@ -88,8 +86,8 @@ def prediction_columns(predictions: Mapping[str, Mapping[str, Any]], *, task: "T
         elif pred.shape[1] == 1:
             part["prediction"] = pred[:, 0]
         else:
-            for k in range(pred.shape[1]):
-                part[f"prediction_{k}"] = pred[:, k]
+            for j in range(pred.shape[1]):
+                part[f"prediction_{j}"] = pred[:, j]
         part["split"] = np.array([split] * len(part["row"]), dtype=object)
         parts.append(part)
     for part in parts:
@@ -453,7 +451,7 @@ def _rank(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, Any]
         def key(g: dict) -> tuple:
             v = g.get(metric)
             missing = v is None or (isinstance(v, float) and math.isnan(v))
-            return (missing, sign * v if not missing else 0.0)
+            return (missing, 0.0 if missing or v is None else sign * float(v))
 
         rows = sorted(rows, key=key)
     for i, g in enumerate(rows, 1):

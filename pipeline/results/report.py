@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.errors import FtpipeError
+from pipeline.results.table import cell
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,6 @@ class RunView:
     def label(self) -> str:
         """The configuration's name in this report: head + varying settings (set by the section)."""
         return str(self.row.get("display") or self.row.get("label") or self.row.get("arch"))
-
-    @property
-    def cache_label(self) -> str:
-        """``label @<cache key prefix>``: tells two backbones' runs of one configuration apart."""
-        return f"{self.label} @{str(self.row.get('cache_key'))[:6]}"
 
 
 def _load_runs(*, runs_dir: Path, rows: Sequence[dict[str, Any]]) -> list[RunView]:
@@ -194,7 +190,7 @@ def _fig_hyperparameters(runs: list[RunView], metric: str, out: Path, *, varying
 
         def group(r: RunView) -> str:
             h = hypers[r.run_id]
-            return " ".join([str(r.row.get("arch"))] + [f"{k}={_fmt(h[k])}" for k in others if k in h])
+            return " ".join([str(r.row.get("arch"))] + [f"{k}={cell(h[k])}" for k in others if k in h])
 
         groups = sorted({group(r) for _, _, r in pts})
         fig = _new_figure(6.5, 3.8 + 0.18 * max(0, len(groups) - 6))
@@ -364,7 +360,7 @@ def _fig_confusion(run: RunView, out: Path, *, name: str, prefix: str = "") -> s
     fig = _new_figure(1.2 + 0.55 * c, 1.0 + 0.5 * c)
     ax = fig.subplots()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ticks = [_fmt(float(v)) if float(v) != int(v) else str(int(v)) for v in (classes or range(c))]
+    ticks = [cell(float(v)) if float(v) != int(v) else str(int(v)) for v in (classes or range(c))]
     ax.set_xticks(range(c), ticks, fontsize=8)
     ax.set_yticks(range(c), ticks, fontsize=8)
     for i in range(c):
@@ -443,14 +439,6 @@ def _fig_regression(run: RunView, out: Path, *, rank: int, prefix: str = "") -> 
 # --------------------------------------------------------------------------- page
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    if isinstance(v, list):
-        return ", ".join(map(str, v))
-    return "" if v is None else str(v)
-
-
 def _table(header: list[str], rows: list[list[str]], *, caption: str = "") -> str:
     """A sortable, filterable table (see SCRIPT): a filter box, then the table; cells are HTML already."""
     head = "".join(f'<th title="sort">{html.escape(h)}</th>' for h in header)
@@ -522,7 +510,7 @@ def _problem_sections(*, section: Any, runs: list[RunView], out: Path, prefix: s
     for g, line in zip(board, cells):
         extra = [html.escape(names[str(g["config_id"])])] + \
             ([html.escape(str(g.get("cache_key"))[:12])] if several_caches else [])
-        esc = [html.escape(_fmt(c) if not isinstance(c, str) else c) for c in line]
+        esc = [html.escape(cell(c) if not isinstance(c, str) else c) for c in line]
         rows.append(esc[:2] + extra + esc[2:])
     avg = " AUROC and AUPRC of more than two classes are macro averages over one-vs-rest classes (figures " \
           "too)." if section.task == "classify" else ""
@@ -583,8 +571,8 @@ def _problem_sections(*, section: Any, runs: list[RunView], out: Path, prefix: s
     for r in runs:
         hp = hyperparameters(r.row)
         run_rows.append([html.escape(r.run_id), str(r.row.get("seed")), html.escape(str(r.row.get("cache_key"))[:12]),
-                         html.escape(" ".join(f"{k}={_fmt(hp[k])}" for k in section.varying if k in hp) or "-")] +
-                        [_fmt(r.row.get(m)) for m in metric_cols] + [_fmt(r.row.get("seconds"))])
+                         html.escape(" ".join(f"{k}={cell(hp[k])}" for k in section.varying if k in hp) or "-")] +
+                        [cell(r.row.get(m)) for m in metric_cols] + [cell(r.row.get("seconds"))])
     sections.append(f"<{h}>Runs</{h}>" + _table(["run", "seed", "cache", "settings that vary"] + metric_cols +
                                                 ["seconds"], run_rows))
     return sections

@@ -35,7 +35,7 @@ def stats_sections(*, board: Sequence[dict[str, Any]], runs_dir: Path, out: Path
     if not board or not metric:
         return []
     col = f"{split}_{metric}"
-    opts = {"runs_dir": Path(runs_dir), "split": split, "n_boot": n_boot, "seed": seed, "level": level}
+    opts: dict[str, Any] = {"runs_dir": Path(runs_dir), "split": split, "n_boot": n_boot, "seed": seed, "level": level}
     try:
         cis = C.ci_columns(board, **opts)
         vs = C.vs_columns(board, ref=str(board[0]["config_id"]), **opts) if len(board) > 1 else [{}]

@@ -469,7 +469,7 @@ def _regress_column(y: np.ndarray, pred: np.ndarray, keep: np.ndarray, metric: s
                 return lambda w: np.full(w.shape[0], np.nan)  # as pipeline.results.metrics: positive targets only
             sel = np.flatnonzero((y > 0) & np.isfinite(y) & np.isfinite(pred))
             r = np.log(np.clip(pred[sel], 1e-12, None)) - np.log(y[sel])
-            qs = (16.0, 84.0)
+            qs: tuple[float, ...] = (16.0, 84.0)
         else:
             sel = np.flatnonzero((y != 0) & np.isfinite(y) & np.isfinite(pred))
             r = (pred[sel] - y[sel]) / y[sel]

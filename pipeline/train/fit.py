@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.config import TrainConfig, resolve_device, to_dict
 from pipeline.errors import ConfigError, TrainError
-from pipeline.train.loop import MIN_LR_FACTOR, lr_factor  # noqa: F401  (public here since before pipeline.train.loop)
 
 if TYPE_CHECKING:
     import numpy as np

@@ -38,8 +38,10 @@ from torch.utils._pytree import tree_map
 log = logging.getLogger(__name__)
 
 from pipeline.train.loop import (
+    BatchFn,
     Budget,
     LoopResult,
+    LossFn,
     Optim,
     RowBatches,
     StepData,
@@ -47,8 +49,6 @@ from pipeline.train.loop import (
     autocast,
     run_loop,
 )
-
-Member = Optim  # one stacked model's own hyperparameters (lr, weight decay, batch-order seed)
 
 
 class StackedHeads:
