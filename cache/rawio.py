@@ -87,7 +87,7 @@ def read_uncompressed_chunks(z: Any, lo: int, hi: int, *, strict: bool = False,
         out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
     else:
         out = out[: hi - lo]
-    flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
+    flat = out.reshape(-1).view(np.uint8).data if out.size else None
     for i in range(lo // rows, (hi - 1) // rows + 1):
         a, b = max(lo, i * rows), min(hi, (i + 1) * rows)
         want = (b - a) * row_bytes

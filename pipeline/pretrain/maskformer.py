@@ -137,8 +137,9 @@ def pretrain_maskformer(*, source: Any, epochs: int | None, device: torch.device
     if len(hits):
         # standardise the raw fields; constant fields keep std 1 rather than dividing by ~0
         std = hits.std(axis=0)
-        model.input_mean.copy_(torch.as_tensor(hits.mean(axis=0)))
-        model.input_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
+        # registered buffers (mypy sees Module.__getattr__'s Tensor | Module)
+        model.get_buffer("input_mean").copy_(torch.as_tensor(hits.mean(axis=0)))
+        model.get_buffer("input_std").copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
     model.to(device)
     head.to(device)
 

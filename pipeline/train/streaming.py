@@ -132,12 +132,10 @@ class StreamedFeatureSet(FeatureSet):
                 else:
                     pieces[n].append(a.index_select(0, local))
         out = {}
-        inv = None
-        if len(blocks) > 1:
-            inv = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
+        inv = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")) if len(blocks) > 1 else None
         for n in names:
             if isinstance(pieces[n][0], torch.Tensor):
-                t = pieces[n][0] if len(blocks) == 1 else torch.cat(pieces[n]).index_select(0, inv)
+                t = pieces[n][0] if inv is None else torch.cat(pieces[n]).index_select(0, inv)
                 out[n] = _as_float(t.to(self.device))
             else:
                 g = pieces[n][0] if len(blocks) == 1 else _cat_ragged(pieces[n]).select(inv)
