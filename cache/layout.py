@@ -115,7 +115,7 @@ class RaggedLayout:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RaggedLayout":
+    def from_dict(cls, d: dict[str, Any]) -> RaggedLayout:
         d = parse_keys(d, where="ragged layout", required=("chunk_rows", "shard_rows", "align"),
                        optional=("total", "index_sha256"))
         return cls(**d)
@@ -161,7 +161,7 @@ class Layout:
     def units(self, n_samples: int) -> list[Unit]:
         return units_of(n_samples=n_samples, unit_rows=self.unit_rows)
 
-    def with_index(self, group: str, *, total: int, index_sha256: str) -> "Layout":
+    def with_index(self, group: str, *, total: int, index_sha256: str) -> Layout:
         """This layout with ``group``'s planned index recorded (``create_cache``)."""
         self.chunking(group)  # names the groups when there is no such one
         return replace(self, ragged={**self.ragged, group: replace(self.ragged[group], total=total,
@@ -172,7 +172,7 @@ class Layout:
                 "n_units": self.n_units, "ragged": {g: r.to_dict() for g, r in self.ragged.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Layout":
+    def from_dict(cls, d: dict[str, Any]) -> Layout:
         d = parse_keys(d, where="layout", required=("chunk_rows", "shard_rows", "unit_rows", "n_units", "ragged"))
         if not isinstance(d["ragged"], dict):
             raise CacheError(f"layout ragged must be a JSON object, got {type(d['ragged']).__name__}")

@@ -163,7 +163,7 @@ class StoreMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StoreMeta":
+    def from_dict(cls, d: dict[str, Any]) -> StoreMeta:
         """Parse the stored JSON object; ``CacheVersionError`` for a newer schema version, ``CacheError`` naming
         the first thing that is missing or wrong."""
         if not isinstance(d, dict):

@@ -19,12 +19,18 @@ from typing import Any
 import numpy as np
 
 from cache import layout as L
-from cache.errors import CacheDamagedError, CacheError, CacheIncompleteError, CacheLockedError, CacheVersionError
+from cache.errors import (
+    CacheDamagedError,
+    CacheError,
+    CacheIncompleteError,
+    CacheLockedError,
+    CacheVersionError,
+)
 from cache.key import default_cache_root
+from cache.layout import Layout
 from cache.lock import StoreLock
 from cache.meta import StoreMeta
 from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
-from cache.layout import Layout
 from cache.schema import ArraySpec, CacheSchema
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,16 @@ from cache.errors import CacheError
 from cache.key import cache_path
 from cache.layout import Layout, Unit
 from cache.lock import StoreLock
-from cache.meta import (STORED_KEYS, StoreMeta, _check_json, _ftpipe_version, _now, _open_group, read_meta,  # noqa: F401
-                        update_meta)
+from cache.meta import (
+    STORED_KEYS,
+    StoreMeta,
+    _check_json,
+    _ftpipe_version,
+    _now,
+    _open_group,
+    read_meta,
+    update_meta,
+)
 from cache.rawio import remove_temporaries, write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 

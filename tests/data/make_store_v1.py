@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from cache.meta import update_meta  # noqa: E402
-from cache_helpers import build, make_data, make_schema  # noqa: E402
+from cache_helpers import build, make_data, make_schema
+
+from cache.meta import update_meta
 
 with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp)
