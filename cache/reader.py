@@ -69,9 +69,7 @@ def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
             try:
                 key = _read_meta(d).key
             except CacheVersionError:
-                if stem.startswith(text):  # it is the one asked for: say why it cannot be opened
-                    raise
-                continue
+                raise  # its name matches what was asked for: say why it cannot be opened
             except CacheError:
                 continue
             if key.startswith(text):
