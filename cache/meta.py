@@ -120,7 +120,7 @@ class StoreMeta:
                              f"in units of {self.layout.unit_rows} make {want}")
         if not isinstance(self.extra, dict):
             raise CacheError(f"store metadata extra must be a JSON object, got {type(self.extra).__name__}")
-        clash = sorted(k for k in self.extra if k in STORED_KEYS or not isinstance(k, str))
+        clash = [k for k in self.extra if not isinstance(k, str) or k in STORED_KEYS]
         if clash:
             raise CacheError(f"store metadata extra may not hold {clash}: those are typed fields")
 
