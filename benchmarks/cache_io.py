@@ -111,8 +111,7 @@ def bench_layout(label: str, schema: CacheSchema, dense: dict[str, np.ndarray], 
 
         # the one-shot baseline with the very same array layout
         lay = plan_layout(schema=schema, shard_rows=shard_rows)
-        rows = lay["chunk_rows"] if not ragged else lay["ragged"][next(iter(schema.ragged_lengths))]["chunk_rows"]
-        shard = lay["shard_rows"] if not ragged else lay["ragged"][next(iter(schema.ragged_lengths))]["shard_rows"]
+        rows, shard = lay.chunking(next(iter(schema.ragged_lengths)) if ragged else None)
         one = work / f"{label}-{variant}-oneshot.zarr"
 
         def oneshot_setup() -> None:
@@ -139,8 +138,8 @@ def bench_layout(label: str, schema: CacheSchema, dense: dict[str, np.ndarray], 
         t_ver, t_nover = best_pair(lambda: reader.load_numpy(name), lambda: trusting.load_numpy(name), repeat)
         files, size = files_and_bytes(path)
         results[variant] = {"write": t_write, "final": t_final, "read": t_read, "one": t_one, "files": files}
-        print(f"[{variant}] chunk rows {rows}, shard rows {shard}, unit rows {lay['unit_rows']} "
-              f"({lay['n_units']} units), {files} files, {size / 2**20:.0f} MB on disk")
+        print(f"[{variant}] chunk rows {rows}, shard rows {shard}, unit rows {lay.unit_rows} "
+              f"({lay.n_units} units), {files} files, {size / 2**20:.0f} MB on disk")
         print(f"  write  CacheWriter {t_write:.3f}s ({mb / t_write:.0f} MB/s) vs one-shot z[:]=x {t_one:.3f}s "
               f"({mb / t_one:.0f} MB/s): ratio {t_one / t_write:.2f}x (target >= 0.8)")
         print(f"         + finalize (verify all checksums) {t_final:.3f}s: ratio incl. finalize "
@@ -157,7 +156,7 @@ def bench_layout(label: str, schema: CacheSchema, dense: dict[str, np.ndarray], 
           f"(>1 = sharded faster), files {s['files']} vs {u['files']}")
     # Compression: the same one-shot array with zstd vs none.
     lay = plan_layout(schema=schema)
-    rows = lay["chunk_rows"] if not ragged else lay["ragged"][next(iter(schema.ragged_lengths))]["chunk_rows"]
+    rows, _ = lay.chunking(next(iter(schema.ragged_lengths)) if ragged else None)
     line = []
     for codec in (None, "zstd"):
         out = work / f"{label}-{codec}.zarr"

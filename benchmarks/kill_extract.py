@@ -107,7 +107,7 @@ def main() -> None:
         left_at_end = sum(1 for p in resumed.path.rglob(".*") if p.is_file())
         print(f"{kills} SIGKILLs mid-extraction in {kill_seconds:.0f} s ({rounds} attempts); "
               f"{with_temporaries} left temporary files in the store at the moment of the kill")
-        print(f"resumed: status {read_meta(resumed.path)['status']}, byte-identical to an uninterrupted extraction: "
+        print(f"resumed: status {read_meta(resumed.path).status}, byte-identical to an uninterrupted extraction: "
               f"{identical}; temporary files in the finished store: {left_at_end}")
         if not identical or left_at_end:
             sys.exit(1)

@@ -71,8 +71,8 @@ def main() -> None:
         plain = L.plan_layout(schema=schema)
         # sharded: one shard object per unit per array; unsharded (the default): one object per chunk
         path = create_cache(root=root, key=make_key(record), key_record=record, schema=schema,
-                            attrs={"backbone": "bench"}, unit_rows=int(plain["unit_rows"]),
-                            shard_rows=None if unsharded else int(plain["unit_rows"]))
+                            attrs={"backbone": "bench"}, unit_rows=plain.unit_rows,
+                            shard_rows=None if unsharded else plain.unit_rows)
         with CacheWriter(path) as w:
             for s in range(0, args.n, 8192):
                 e = min(args.n, s + 8192)
@@ -90,12 +90,12 @@ def main() -> None:
             reader.load_numpy("pooled/mean", rows=np.arange(s, s + 4096))
         slice_s = time.perf_counter() - t0
         size, objects = tree_size(path)
-        rows[name] = (objects, write_s, read_s, slice_s, reader.attrs["layout"])
+        rows[name] = (objects, write_s, read_s, slice_s, reader.layout)
     print(f"{args.n} x {args.d} float16 ({x.nbytes / 1e6:.0f} MB) at {root}")
     print(f"{'':10} {'objects':>8} {'write s':>8} {'read all s':>11} {'8 slices s':>11}  layout")
     for name, (objects, w, r, sl, lay) in rows.items():
-        print(f"{name:10} {objects:8d} {w:8.2f} {r:11.2f} {sl:11.2f}  chunk {lay['chunk_rows']} rows, "
-              f"shard {lay['shard_rows']} rows, unit {lay['unit_rows']} rows")
+        print(f"{name:10} {objects:8d} {w:8.2f} {r:11.2f} {sl:11.2f}  chunk {lay.chunk_rows} rows, "
+              f"shard {lay.shard_rows} rows, unit {lay.unit_rows} rows")
     print(f"read all: sharded / unsharded time = {rows['sharded'][2] / rows['unsharded'][2]:.2f} "
           f"(below 1: sharded is faster)")
     if server is not None:

@@ -2,6 +2,8 @@
 
 Public API (see each module's docstring):
 - schema: ArraySpec, CacheSchema, SCHEMA_VERSION
+- meta: StoreMeta (the store's typed attributes), read_meta, update_meta
+- layout: Layout, RaggedLayout (chunk/shard/unit sizes), plan_layout
 - key: checkpoint_digest, data_fingerprint, make_key, default_cache_root
 - writer: create_cache, CacheWriter
 - reader: open_cache, CacheReader, list_caches, remove_cache

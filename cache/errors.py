@@ -12,3 +12,7 @@ class CacheLockedError(CacheError):
 
 class CacheDamagedError(CacheError):
     """A complete cache's data on disk is not what was committed (a missing, short or changed chunk)."""
+
+
+class CacheVersionError(CacheError):
+    """The store was written in a newer store schema version than this ftpipe reads."""

@@ -11,6 +11,10 @@ writers and distributed ranks safe without any coordination beyond the per-unit 
 - Each committed unit has one JSON record ``_ftpipe/units/<id>.json`` (written atomically) with
   the sha256 of every array's bytes as stored. Per-unit files instead of group attributes mean
   concurrent writers never race on a shared document.
+
+``Layout`` (with one ``RaggedLayout`` per ragged group) is the typed form of the ``layout`` entry
+of the store's ``ftpipe`` attributes: frozen, checked on construction (the invariants above: unit
+boundaries are file boundaries), ``to_dict``/``from_dict`` give the stored JSON back key for key.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cache.errors import CacheError
-from cache.schema import ArraySpec, CacheSchema, storage_dtype
+from cache.schema import ArraySpec, CacheSchema, parse_int, parse_keys, storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ DENSE_CHUNK_BYTES = 4 << 20
 RAGGED_CHUNK_BYTES = 2 << 20
 UNIT_BYTES = 32 << 20
 MAX_UNIT_PAD_FRACTION = 8  # a ragged chunk is at most 1/8 of a mean unit extent (bounds gap waste)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,129 @@ class Unit:
         return f"unit {self.id} (samples {self.start}-{self.stop - 1})"
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _files(chunk_rows: int, shard_rows: int | None, *, where: str) -> tuple[int, int | None]:
+    """Checked (chunk rows, shard rows) of one flat axis: chunks a power of two, shards whole chunks."""
+    chunk_rows = parse_int(chunk_rows, where=f"{where} chunk_rows")
+    if not _is_pow2(chunk_rows):
+        raise CacheError(f"{where} chunk_rows must be a power of two, got {chunk_rows}")
+    if shard_rows is not None:
+        shard_rows = parse_int(shard_rows, where=f"{where} shard_rows")
+        if shard_rows % chunk_rows:
+            raise CacheError(f"{where} shard_rows ({shard_rows}) must be a multiple of chunk_rows ({chunk_rows})")
+    return chunk_rows, shard_rows
+
+
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Files of one ragged group's flat axis (every array of the group and its rows share it)."""
+
+    chunk_rows: int  # flat rows per chunk file (a power of two)
+    shard_rows: int | None  # flat rows per shard file (whole chunks); None = unsharded
+    align: int  # every unit's extent starts on a multiple of this: the shard (else the chunk) rows
+    total: int | None = None  # flat rows incl. the gaps between units; None until create_cache plans the index
+    index_sha256: str | None = None  # sha256 of the planned (N, 2) ``<group>/index``; set together with total
+
+    def __post_init__(self) -> None:
+        chunk, shard = _files(self.chunk_rows, self.shard_rows, where="ragged")
+        object.__setattr__(self, "chunk_rows", chunk)
+        object.__setattr__(self, "shard_rows", shard)
+        if parse_int(self.align, where="ragged align") != (shard or chunk):
+            raise CacheError(f"ragged align ({self.align}) must equal the {'shard' if shard else 'chunk'} rows "
+                             f"({shard or chunk}): units start on file boundaries")
+        object.__setattr__(self, "align", int(self.align))
+        if (self.total is None) != (self.index_sha256 is None):
+            raise CacheError("ragged total and index_sha256 are planned together: give both or neither")
+        if self.total is not None:
+            object.__setattr__(self, "total", parse_int(self.total, where="ragged total", minimum=0))
+            if not isinstance(self.index_sha256, str) or not SHA256_HEX.fullmatch(self.index_sha256):
+                raise CacheError(f"ragged index_sha256 must be 64 lowercase hex digits, got {self.index_sha256!r}")
+
+    @property
+    def planned(self) -> bool:
+        """Whether the group's index is planned (``total`` and ``index_sha256`` known)."""
+        return self.total is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows, "align": self.align}
+        if self.planned:
+            d.update(total=self.total, index_sha256=self.index_sha256)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RaggedLayout:
+        d = parse_keys(d, where="ragged layout", required=("chunk_rows", "shard_rows", "align"),
+                       optional=("total", "index_sha256"))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunk, shard and unit sizes of a store (``plan_layout``); stored as ``ftpipe.layout``."""
+
+    chunk_rows: int  # dense arrays: rows per chunk file (a power of two)
+    shard_rows: int | None  # dense arrays: rows per shard file (whole chunks); None = unsharded
+    unit_rows: int  # samples per unit: whole files (of shard_rows, else chunk_rows), so units share no file
+    n_units: int  # ceil(n_samples / unit_rows)
+    ragged: dict[str, RaggedLayout] = field(default_factory=dict)  # ragged group -> its flat axis
+
+    def __post_init__(self) -> None:
+        chunk, shard = _files(self.chunk_rows, self.shard_rows, where="layout")
+        object.__setattr__(self, "chunk_rows", chunk)
+        object.__setattr__(self, "shard_rows", shard)
+        unit_rows = parse_int(self.unit_rows, where="layout unit_rows")
+        if unit_rows % (shard or chunk):
+            raise CacheError(f"layout unit_rows ({unit_rows}) must be a multiple of the "
+                             f"{'shard' if shard else 'chunk'} rows ({shard or chunk}): units share no file")
+        object.__setattr__(self, "unit_rows", unit_rows)
+        object.__setattr__(self, "n_units", parse_int(self.n_units, where="layout n_units"))
+        if not isinstance(self.ragged, dict):
+            raise CacheError(f"layout ragged must map group -> RaggedLayout, got {type(self.ragged).__name__}")
+        for g, r in self.ragged.items():
+            if not isinstance(g, str) or not g or not isinstance(r, RaggedLayout):
+                raise CacheError(f"layout ragged must map group name -> RaggedLayout, got {g!r}: {type(r).__name__}")
+        object.__setattr__(self, "ragged", dict(self.ragged))
+
+    def chunking(self, ragged: str | None) -> tuple[int, int | None]:
+        """(chunk rows, shard rows) of a dense array (``ragged=None``) or of a ragged group's arrays."""
+        if ragged is None:
+            return self.chunk_rows, self.shard_rows
+        try:
+            g = self.ragged[ragged]
+        except KeyError:
+            raise CacheError(f"no ragged group {ragged!r} in this layout; it has: {', '.join(self.ragged)}") from None
+        return g.chunk_rows, g.shard_rows
+
+    def units(self, n_samples: int) -> list[Unit]:
+        return units_of(n_samples=n_samples, unit_rows=self.unit_rows)
+
+    def with_index(self, group: str, *, total: int, index_sha256: str) -> Layout:
+        """This layout with ``group``'s planned index recorded (``create_cache``)."""
+        self.chunking(group)  # names the groups when there is no such one
+        return replace(self, ragged={**self.ragged, group: replace(self.ragged[group], total=total,
+                                                                   index_sha256=index_sha256)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows, "unit_rows": self.unit_rows,
+                "n_units": self.n_units, "ragged": {g: r.to_dict() for g, r in self.ragged.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Layout:
+        d = parse_keys(d, where="layout", required=("chunk_rows", "shard_rows", "unit_rows", "n_units", "ragged"))
+        if not isinstance(d["ragged"], dict):
+            raise CacheError(f"layout ragged must be a JSON object, got {type(d['ragged']).__name__}")
+        ragged = {}
+        for g, r in d["ragged"].items():
+            try:
+                ragged[g] = RaggedLayout.from_dict(r)
+            except CacheError as exc:
+                raise CacheError(f"group {g!r}: {exc}") from None
+        return cls(**{**d, "ragged": ragged})
+
+
 def _pow2_floor(x: float) -> int:
     x = max(1, int(x))
     return 1 << (x.bit_length() - 1)
@@ -67,8 +196,8 @@ def _largest_pow2_dividing(n: int) -> int:
 
 def plan_layout(
     *, schema: CacheSchema, shard_rows: int | None = None, unit_rows: int | None = None
-) -> dict[str, Any]:
-    """Chunk/shard/unit sizes for a schema. JSON-able; stored in the group attributes."""
+) -> Layout:
+    """Chunk/shard/unit sizes for a schema (ragged indexes not yet planned: ``Layout.with_index``)."""
     n = schema.n_samples
     dense = [a for a in schema.arrays if a.ragged is None]
     widest = max([a.row_bytes for a in dense] + [16])  # the (N, 2) int64 index arrays are dense too
@@ -101,7 +230,7 @@ def plan_layout(
         unit_rows = step * k
         unit_rows = min(unit_rows, -(-n // step) * step)  # never more than one unit's worth past N
     n_units = -(-n // unit_rows)
-    ragged: dict[str, Any] = {}
+    ragged: dict[str, RaggedLayout] = {}
     for group, lens in schema.ragged_lengths.items():
         members = [a for a in schema.arrays if a.ragged == group]
         row = max([a.row_bytes for a in members] + [1])
@@ -111,17 +240,12 @@ def plan_layout(
         align = r_chunk
         if shard_rows is not None:
             r_shard = r_chunk * (shard_rows // chunk_rows)
-            while r_shard > r_chunk and r_shard > mean_extent / 4:
+            # halve only while it stays whole chunks (shard_rows // chunk_rows may be odd)
+            while r_shard > r_chunk and r_shard > mean_extent / 4 and (r_shard // 2) % r_chunk == 0:
                 r_shard //= 2
             align = r_shard
-        ragged[group] = {"chunk_rows": r_chunk, "shard_rows": r_shard, "align": align}
-    return {
-        "chunk_rows": chunk_rows,
-        "shard_rows": shard_rows,
-        "unit_rows": unit_rows,
-        "n_units": n_units,
-        "ragged": ragged,
-    }
+        ragged[group] = RaggedLayout(chunk_rows=r_chunk, shard_rows=r_shard, align=align)
+    return Layout(chunk_rows=chunk_rows, shard_rows=shard_rows, unit_rows=unit_rows, n_units=n_units, ragged=ragged)
 
 
 def units_of(*, n_samples: int, unit_rows: int) -> list[Unit]:
@@ -153,13 +277,9 @@ def unit_extents(index: np.ndarray, units: list[Unit], total: int) -> list[tuple
     return out
 
 
-def array_kwargs(spec: ArraySpec, *, layout: dict[str, Any], n_rows: int) -> dict[str, Any]:
+def array_kwargs(spec: ArraySpec, *, layout: Layout, n_rows: int) -> dict[str, Any]:
     """Arguments for ``group.create_array`` of one schema array."""
-    if spec.ragged is None:
-        rows, shard = layout["chunk_rows"], layout["shard_rows"]
-    else:
-        g = layout["ragged"][spec.ragged]
-        rows, shard = g["chunk_rows"], g["shard_rows"]
+    rows, shard = layout.chunking(spec.ragged)
     inner = spec.inner_shape
     kw: dict[str, Any] = {
         "shape": (n_rows, *inner),

@@ -19,9 +19,17 @@ from typing import Any
 import numpy as np
 
 from cache import layout as L
-from cache.errors import CacheDamagedError, CacheError, CacheIncompleteError, CacheLockedError
+from cache.errors import (
+    CacheDamagedError,
+    CacheError,
+    CacheIncompleteError,
+    CacheLockedError,
+    CacheVersionError,
+)
 from cache.key import default_cache_root
+from cache.layout import Layout
 from cache.lock import StoreLock
+from cache.meta import StoreMeta
 from cache.rawio import read_uncompressed_chunks as _read_uncompressed_chunks
 from cache.schema import ArraySpec, CacheSchema
 
@@ -31,7 +39,7 @@ _HEX = re.compile(r"^[0-9a-f]+$")
 RowsLike = Any  # None | sequence of ints | np.ndarray | torch.Tensor
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: Path) -> StoreMeta:
     from cache.meta import read_meta
 
     return read_meta(path)
@@ -59,7 +67,9 @@ def resolve_cache(ref: str | Path, *, root: Path | None = None) -> Path:
             if not (stem.startswith(text) or text.startswith(stem)):
                 continue
             try:
-                key = str(_read_meta(d).get("key", ""))
+                key = _read_meta(d).key
+            except CacheVersionError:
+                raise  # its name matches what was asked for: say why it cannot be opened
             except CacheError:
                 continue
             if key.startswith(text):
@@ -138,9 +148,9 @@ class CacheReader:
 
         self.path = as_path(path)
         self.verify = verify
-        self.attrs: dict[str, Any] = _read_meta(self.path)
+        self.meta: StoreMeta = _read_meta(self.path)
         self._group = zarr.open_group(str(self.path), mode="r")
-        self._specs = [ArraySpec.from_dict(d) for d in self.attrs["schema"]["arrays"]]
+        self._specs = list(self.meta.arrays)
         self._by_name = {s.name: s for s in self._specs}
         self._index_cache: dict[str, np.ndarray] = {}
         self._zarrays: dict[str, Any] = {}
@@ -154,27 +164,36 @@ class CacheReader:
 
     @property
     def key(self) -> str:
-        return str(self.attrs["key"])
+        return self.meta.key
 
     @property
     def status(self) -> str:
-        return str(self.attrs["status"])
+        return self.meta.status
 
     @property
     def n_samples(self) -> int:
-        return int(self.attrs["n_samples"])
+        return self.meta.n_samples
 
     @property
     def split_names(self) -> tuple[str, ...]:
-        return tuple(self.attrs["split_names"])
+        return self.meta.split_names
+
+    @property
+    def layout(self) -> Layout:
+        return self.meta.layout
 
     @property
     def n_units(self) -> int:
-        return int(self.attrs["layout"]["n_units"])
+        return self.meta.layout.n_units
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The stored ``ftpipe`` attributes as JSON (a copy), for display; code reads ``.meta``'s typed fields."""
+        return self.meta.to_dict()
 
     @cached_property
     def schema(self) -> CacheSchema:
-        lengths = {g: self._index(g)[:, 1] for g in self.attrs["layout"]["ragged"]}
+        lengths = {g: self._index(g)[:, 1] for g in self.meta.ragged_groups}
         return CacheSchema(n_samples=self.n_samples, arrays=tuple(self._specs), ragged_lengths=lengths,
                            split_names=self.split_names)
 
@@ -197,7 +216,7 @@ class CacheReader:
     def _index(self, group: str) -> np.ndarray:
         if group not in self._index_cache:
             index = np.asarray(self._group[f"{group}/index"][:], dtype=np.int64)
-            want = self.attrs["layout"]["ragged"].get(group, {}).get("index_sha256")
+            want = self.layout.ragged[group].index_sha256 if group in self.layout.ragged else None
             if self.verify and self.status == "complete" and want and L.sha256_of(index) != want:
                 raise CacheDamagedError(f"cache {self.path.name} is damaged: {group}/index does not match its checksum; "
                                         f"remove it (`ftpipe cache rm {self.key[:16]}`) and extract again")
@@ -361,7 +380,7 @@ class CacheReader:
     def _unit_name(self, extent: tuple[int, int, int, str] | None) -> str:
         if extent is None:
             return "a unit"
-        unit_rows = int(self.attrs["layout"]["unit_rows"])
+        unit_rows = self.layout.unit_rows
         uid = extent[2]
         return str(L.Unit(uid, uid * unit_rows, min((uid + 1) * unit_rows, self.n_samples)))
 
@@ -387,7 +406,7 @@ class CacheReader:
             return self._read(s, lo, hi, raw)[r - lo]
         index = self._index(s.ragged)
         if rows is None:
-            total = int(self.attrs["layout"]["ragged"][s.ragged]["total"])
+            total = int(self.layout.ragged[s.ragged].total or 0)
             return self._read(s, 0, total, raw), index.copy()
         r = _rows_array(rows)
         self._check_rows(r)
@@ -501,16 +520,16 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
                         "files": files, "created": ""})
             continue
         out.append({
-            "key": meta.get("key"),
+            "key": meta.key,
             "path": str(d),
-            "status": meta.get("status"),
-            "n_samples": meta.get("n_samples"),
-            "backbone": meta.get("backbone"),
-            "arrays": len(meta.get("schema", {}).get("arrays", [])),
+            "status": meta.status,
+            "n_samples": meta.n_samples,
+            "backbone": meta.extra.get("backbone"),  # the caller's attribute (extract names its backbone)
+            "arrays": len(meta.arrays),
             "units_committed": len(L.read_records(d)),
-            "units": meta.get("layout", {}).get("n_units"),
-            "created": meta.get("created", ""),
-            "updated": meta.get("updated", ""),
+            "units": meta.layout.n_units,
+            "created": meta.created,
+            "updated": meta.updated,
             "size_bytes": size,
             "files": files,
         })

@@ -67,7 +67,33 @@ class ArraySpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArraySpec":
+        where = f"array {d.get('name')!r}" if isinstance(d, dict) else "an array description"
+        d = parse_keys(d, where=where, required=("name", "dtype"),
+                       optional=("inner_shape", "ragged", "meaning", "fill"))
         return cls(**{**d, "inner_shape": tuple(d.get("inner_shape", ()))})
+
+
+def parse_keys(d: Any, *, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``d`` itself, once it is a JSON object with every ``required`` key and no key outside ``required +
+    optional``. The stored array descriptions and layout decide how the bytes are read: a key this version
+    does not know might change that, so it is refused with the fix (upgrade ftpipe), never ignored."""
+    if not isinstance(d, dict):
+        raise CacheError(f"{where} must be a JSON object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise CacheError(f"{where} lacks {', '.join(missing)}")
+    unknown = sorted(set(d) - set(required) - set(optional))
+    if unknown:
+        raise CacheError(f"{where} has keys this ftpipe does not know ({', '.join(map(str, unknown))}); it reads "
+                         f"store schema version {SCHEMA_VERSION}: upgrade ftpipe to read a store written by a newer one")
+    return d
+
+
+def parse_int(v: Any, *, where: str, minimum: int = 1) -> int:
+    """``v`` as a Python int >= ``minimum`` (numpy integers accepted; bool, float and str refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise CacheError(f"{where} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
 
 
 def storage_dtype(dtype: str) -> np.dtype:

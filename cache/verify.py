@@ -10,7 +10,6 @@ import numpy as np
 
 from cache import layout as L
 from cache.rawio import ChunkFileError
-from cache.schema import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,8 @@ def _open_store(path: Path) -> tuple:
 
     path = as_path(path)
     meta = read_meta(path)
-    lay = meta["layout"]
-    specs = [ArraySpec.from_dict(d) for d in meta["schema"]["arrays"]]
-    units = L.units_of(n_samples=int(meta["n_samples"]), unit_rows=int(lay["unit_rows"]))
-    return path, meta, lay, specs, units, L.read_records(path), zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(path), mode="r")
+    return path, meta, meta.layout, list(meta.arrays), meta.units(), L.read_records(path), group
 
 
 def verify_cache(path: Path) -> VerifyReport:
@@ -51,10 +48,10 @@ def verify_cache(path: Path) -> VerifyReport:
     missing: list[int] = []
 
     index_ok = True
-    for g, info in lay["ragged"].items():
+    for g, info in lay.ragged.items():
         try:
             index = np.asarray(group[f"{g}/index"][:])
-            if L.sha256_of(index) != info["index_sha256"]:
+            if L.sha256_of(index) != info.index_sha256:
                 problems.append(f"{g}/index: checksum mismatch (the planned [start, length] index changed)")
                 index_ok = False
         except Exception as exc:

@@ -29,18 +29,24 @@ import numpy as np
 from cache import layout as L
 from cache.errors import CacheError
 from cache.key import cache_path
-from cache.layout import Unit
+from cache.layout import Layout, Unit
 from cache.lock import StoreLock
-from cache.meta import _check_json, _ftpipe_version, _now, _open_group, read_meta, update_meta  # noqa: F401
+from cache.meta import (
+    STORED_KEYS,
+    StoreMeta,
+    _check_json,
+    _ftpipe_version,
+    _now,
+    _open_group,
+    read_meta,
+    update_meta,
+)
 from cache.rawio import remove_temporaries, write_uncompressed_chunks
 from cache.schema import SCHEMA_VERSION, ArraySpec, CacheSchema, storage_dtype
 
 log = logging.getLogger(__name__)
 
-_RESERVED = (
-    "schema_version", "key", "key_record", "status", "created", "updated", "ftpipe_version",
-    "n_samples", "split_names", "schema", "layout",
-)
+_RESERVED = STORED_KEYS  # the typed StoreMeta fields; the caller's attrs go to StoreMeta.extra
 
 
 def create_cache(
@@ -81,31 +87,24 @@ def create_cache(
         if group in names or f"{group}/index" in names:
             raise CacheError(f"ragged group {group!r} clashes with an array of the same name")
     lay = L.plan_layout(schema=schema, shard_rows=shard_rows, unit_rows=unit_rows)
-    units = L.units_of(n_samples=schema.n_samples, unit_rows=lay["unit_rows"])
+    units = lay.units(schema.n_samples)
     indexes: dict[str, np.ndarray] = {}
     for group, lens in schema.ragged_lengths.items():
-        index, total = L.plan_index(lengths=lens, units=units, align=lay["ragged"][group]["align"])
+        index, total = L.plan_index(lengths=lens, units=units, align=lay.ragged[group].align)
         indexes[group] = index
-        lay["ragged"][group].update(total=total, index_sha256=L.sha256_of(index))
+        lay = lay.with_index(group, total=total, index_sha256=L.sha256_of(index))
 
-    ftpipe_attrs = {
-        **attrs,
-        "schema_version": SCHEMA_VERSION,
-        "key": key,
-        "key_record": key_record,
-        "status": "planned",
-        "created": _now(),
-        "updated": _now(),
-        "ftpipe_version": _ftpipe_version(),
-        "n_samples": schema.n_samples,
-        "split_names": list(schema.split_names),
-        "schema": schema.describe(),
-        "layout": lay,
-    }
+    meta = StoreMeta(
+        schema_version=SCHEMA_VERSION, key=key, key_record=key_record, status="planned", created=_now(),
+        updated=_now(), ftpipe_version=_ftpipe_version(), n_samples=schema.n_samples,
+        split_names=tuple(schema.split_names), arrays=schema.arrays, ragged_groups=tuple(sorted(schema.ragged_lengths)),
+        layout=lay, extra=dict(attrs),
+    )
+    ftpipe_attrs = meta.to_dict()
     if remote:
         _create_remote(path, schema=schema, lay=lay, indexes=indexes, ftpipe_attrs=ftpipe_attrs)
         log.info("planned cache %s: %d samples, %d units of %d rows", path, schema.n_samples, len(units),
-                 lay["unit_rows"])
+                 lay.unit_rows)
         return path
     root.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: a crash never leaves a half-made store under the
@@ -116,14 +115,14 @@ def create_cache(
 
         group = zarr.open_group(str(tmp), mode="w")
         for spec in schema.arrays:
-            n_rows = schema.n_samples if spec.ragged is None else lay["ragged"][spec.ragged]["total"]
+            n_rows = schema.n_samples if spec.ragged is None else int(lay.ragged[spec.ragged].total or 0)
             z = group.create_array(spec.name, **L.array_kwargs(spec, layout=lay, n_rows=n_rows))
             z.attrs.update({"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged})
             if spec.name == "split":
                 z.attrs["names"] = list(schema.split_names)
         for g, index in indexes.items():
             z = group.create_array(
-                f"{g}/index", shape=index.shape, dtype="int64", chunks=(lay["chunk_rows"], 2),
+                f"{g}/index", shape=index.shape, dtype="int64", chunks=(lay.chunk_rows, 2),
                 compressors=None, fill_value=0,
             )
             z[:] = index
@@ -140,11 +139,11 @@ def create_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("planned cache %s: %d samples, %d units of %d rows", path, schema.n_samples, len(units), lay["unit_rows"])
+    log.info("planned cache %s: %d samples, %d units of %d rows", path, schema.n_samples, len(units), lay.unit_rows)
     return path
 
 
-def _create_remote(path: Any, *, schema: CacheSchema, lay: dict[str, Any], indexes: dict[str, np.ndarray],
+def _create_remote(path: Any, *, schema: CacheSchema, lay: Layout, indexes: dict[str, np.ndarray],
                    ftpipe_attrs: dict[str, Any]) -> None:
     """Plan a store on an object store: every array's metadata (and ragged index) first, the group's
     ``zarr.json`` with the ``ftpipe`` attributes last and once; its presence means the plan is whole."""
@@ -165,7 +164,7 @@ def _create_remote(path: Any, *, schema: CacheSchema, lay: dict[str, Any], index
 
     try:
         for spec in schema.arrays:
-            n_rows = schema.n_samples if spec.ragged is None else lay["ragged"][spec.ragged]["total"]
+            n_rows = schema.n_samples if spec.ragged is None else int(lay.ragged[spec.ragged].total or 0)
             attributes = {"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged}
             if spec.name == "split":
                 attributes["names"] = list(schema.split_names)
@@ -175,7 +174,7 @@ def _create_remote(path: Any, *, schema: CacheSchema, lay: dict[str, Any], index
         for g, index in indexes.items():
             parents(f"{g}/index")
             z = zarr.create_array(f"{base}/{g}/index", shape=index.shape, dtype="int64",
-                                  chunks=(lay["chunk_rows"], 2), compressors=None, fill_value=0,
+                                  chunks=(lay.chunk_rows, 2), compressors=None, fill_value=0,
                                   attributes={"meaning": f"[start, length] of each sample's rows in the flat {g}/* arrays"})
             z[:] = index
         zarr.create_group(base, attributes={"ftpipe": ftpipe_attrs})
@@ -189,12 +188,11 @@ def _create_remote(path: Any, *, schema: CacheSchema, lay: dict[str, Any], index
 
 def _existing(path: Path, key: str) -> Path:
     meta = read_meta(path)
-    if meta.get("key") != key:
+    if meta.key != key:
         raise CacheError(
-            f"{path} holds a cache with another key ({str(meta.get('key'))[:16]}...); remove it with "
-            f"`ftpipe cache rm {path}`"
+            f"{path} holds a cache with another key ({meta.key[:16]}...); remove it with `ftpipe cache rm {path}`"
         )
-    log.info("reusing cache %s (status %s)", path, meta["status"])
+    log.info("reusing cache %s (status %s)", path, meta.status)
     return path
 
 
@@ -255,13 +253,12 @@ class CacheWriter:
         self.rank, self.world_size = rank, world_size
         self._wait, self._on_wait, self._background = wait, on_wait, background
         meta = read_meta(self.path)
-        self.meta = meta
-        self.schema_specs = [ArraySpec.from_dict(d) for d in meta["schema"]["arrays"]]
-        self.n_samples = int(meta["n_samples"])
-        lay = meta["layout"]
-        self._layout = lay
-        self.units: list[Unit] = L.units_of(n_samples=self.n_samples, unit_rows=int(lay["unit_rows"]))
-        self._unit_rows = int(lay["unit_rows"])
+        self.meta: StoreMeta = meta
+        self.schema_specs = list(meta.arrays)
+        self.n_samples = meta.n_samples
+        self._layout = meta.layout
+        self.units: list[Unit] = meta.units()
+        self._unit_rows = meta.layout.unit_rows
         # no file locks on an object store: ranks get disjoint units from one snapshot, and commit
         # records are conditional puts, so a second writer of a unit fails instead of overwriting
         self._lock: Any = (_NoLock() if is_remote(self.path) else
@@ -285,15 +282,14 @@ class CacheWriter:
             group = _open_group(self.path)
             for spec in self.schema_specs:
                 self._arrays[spec.name] = group[spec.name]
-            for g, info in self._layout["ragged"].items():
+            for g, info in self._layout.ragged.items():
                 index = np.asarray(group[f"{g}/index"][:])
                 self._index[g] = index
-                self._extents[g] = L.unit_extents(index, self.units, int(info["total"]))
+                self._extents[g] = L.unit_extents(index, self.units, int(info.total or 0))
             self._committed = set(L.read_records(self.path))
             if self.world_size == 1:  # the exclusive lock: no live writer's temporary file can be here
                 _log_removed(self.path, remove_temporaries(self.path))
-            meta = read_meta(self.path)
-            if meta["status"] != "complete":
+            if read_meta(self.path).status != "complete":
                 self.meta = update_meta(self.path, status="writing")
             if self._background:
                 self._thread = threading.Thread(target=self._drain, name="ftpipe-cache-writer", daemon=True)
@@ -476,8 +472,7 @@ class CacheWriter:
             return False
         # every unit is committed, so no writer is between a temporary file and its rename any more
         _log_removed(self.path, remove_temporaries(self.path))
-        meta = read_meta(self.path)
-        if meta["status"] == "complete":
+        if read_meta(self.path).status == "complete":
             return True
         from cache.verify import verify_cache
 

@@ -50,13 +50,9 @@ def info(*, ref: str, root: Path) -> dict[str, Any]:
     from cache.reader import open_cache
 
     reader = open_cache(ref, root=root, require_complete=False)
-    lay = reader.attrs["layout"]
     arrays = []
     for spec in reader.arrays():
-        if spec.ragged is None:
-            chunk_rows, shard_rows = lay["chunk_rows"], lay["shard_rows"]
-        else:
-            chunk_rows, shard_rows = lay["ragged"][spec.ragged]["chunk_rows"], lay["ragged"][spec.ragged]["shard_rows"]
+        chunk_rows, shard_rows = reader.layout.chunking(spec.ragged)
         arrays.append({
             "name": spec.name,
             "shape": list(reader.shape(spec.name)),
@@ -70,7 +66,8 @@ def info(*, ref: str, root: Path) -> dict[str, Any]:
     if reader.status == "complete" and any(a.name == "split" for a in reader.arrays()):
         codes = reader.split_codes
         splits = {name: int(np.sum(codes == i)) for i, name in enumerate(reader.split_names)}
-    extra = {k: v for k, v in reader.attrs.items() if k not in ("schema", "layout", "key_record")}
+    # every stored attribute but the three big structures shown above, as stored (JSON)
+    extra = {k: v for k, v in reader.meta.to_dict().items() if k not in ("schema", "layout", "key_record")}
     return {
         "key": reader.key,
         "path": str(reader.path),
@@ -79,9 +76,9 @@ def info(*, ref: str, root: Path) -> dict[str, Any]:
         "splits": splits,
         "units": reader.n_units,
         "units_committed": len(L.read_records(reader.path)),
-        "unit_rows": lay["unit_rows"],
+        "unit_rows": reader.layout.unit_rows,
         "arrays": arrays,
-        "key_record": reader.attrs.get("key_record"),
+        "key_record": reader.meta.key_record,
         "attrs": extra,
     }
 

@@ -111,4 +111,4 @@ def store_statuses(root: Path) -> list[str]:
     """The status of every store under a cache root ([] when the root does not exist)."""
     from cache.meta import read_meta
 
-    return [read_meta(p)["status"] for p in sorted(root.glob("*.zarr"))] if root.exists() else []
+    return [read_meta(p).status for p in sorted(root.glob("*.zarr"))] if root.exists() else []

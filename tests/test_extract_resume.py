@@ -52,7 +52,7 @@ def test_killed_extraction_resumes_to_identical_arrays(tmp_path, monkeypatch):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     store = next((tmp_path / "cache").glob("*.zarr"))
-    assert read_meta(store)["status"] == "writing"
+    assert read_meta(store).status == "writing"
     killed_at = _forwarded(log)
 
     monkeypatch.setenv("FTPIPE_TEST_FORWARD_LOG", str(log))

@@ -141,7 +141,7 @@ def test_nan_backbone_output_is_refused_naming_samples_and_tap_or_masked(tmp_pat
     assert out.exit_code == 0, out.output
     store = next((tmp_path / "masked").glob("*.zarr"))
     r = open_cache(store)
-    assert r.split_codes[5] == 255 and read_meta(store)["masked_samples"] == [105]
+    assert r.split_codes[5] == 255 and read_meta(store).extra["masked_samples"] == [105]
     assert np.isfinite(r.load_numpy("pooled/mean")).all() and 5 not in set(r.rows("train")) | set(r.rows("val"))
     assert _cli("train-head", "--cache", store, "--arch", "linear", "--set", "features=pooled/mean",
                 "--runs-dir", tmp_path / "runs", "--device", "cpu").exit_code == 0
@@ -278,8 +278,8 @@ def test_editing_the_class_path_module_or_a_sibling_it_imports_changes_the_key(t
     (pkg / "helpers_i12.py").write_text("SCALE = 2.0\n")
     third = key()
     assert len({first, second, third}) == 3
-    meta = read_meta(next(p for p in root.glob("*.zarr") if read_meta(p)["key"] == third))
-    assert meta["key_record"]["code"]["files"] == ["helpers_i12.py", "model_i12.py"]
+    meta = read_meta(next(p for p in root.glob("*.zarr") if read_meta(p).key == third))
+    assert meta.key_record["code"]["files"] == ["helpers_i12.py", "model_i12.py"]
 
 
 def test_checkpoint_overwritten_in_place_with_old_size_and_mtime_is_rehashed(tmp_path):

@@ -70,7 +70,7 @@ def test_random_sigkills_resume_to_byte_identical_stores_without_temporary_files
         kills += 1
     assert kills >= KILLS, f"only {kills} kills landed mid-extraction"
     stores = list(root.glob("*.zarr"))
-    assert len(stores) == 1 and read_meta(stores[0])["status"] != "complete"
+    assert len(stores) == 1 and read_meta(stores[0]).status != "complete"
 
     resumed = _extract(config, ckpt, root)
     # the uninterrupted reference: the same weights and forward without SlowNet's sleep (its key differs: the

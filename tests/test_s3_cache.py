@@ -111,7 +111,7 @@ def test_extract_kill_resume_verify_train_sweep_rm_on_s3(tmp_path, s3):
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert read_meta(store)["status"] == "writing"  # some units committed, no completion marker
+    assert read_meta(store).status == "writing"  # some units committed, no completion marker
     assert not (store / "_ftpipe/status/complete.json").exists()
     before = read_records(store)
     assert 0 < len(before) < 3
@@ -122,8 +122,8 @@ def test_extract_kill_resume_verify_train_sweep_rm_on_s3(tmp_path, s3):
     after = read_records(store)
     assert all(after[u] == before[u] for u in before)  # committed objects were never rewritten
     assert (store / "_ftpipe/status/complete.json").exists()
-    layout = read_meta(store)["layout"]
-    assert layout["unit_rows"] % layout["chunk_rows"] == 0  # every object belongs to one unit (one writer)
+    layout = read_meta(store).layout
+    assert layout.unit_rows % layout.chunk_rows == 0  # every object belongs to one unit (one writer)
 
     local = run_extract(config=conf, checkpoint=ckpt, cache_root=tmp_path / "local", progress=False,
                         unit_rows=UNIT_ROWS)

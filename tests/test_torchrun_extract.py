@@ -67,7 +67,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_reports(setup):
     out = json.loads(lines[0])
     assert out["key"] == ref.key and out["status"] == "complete"
     store = Path(out["path"])
-    assert read_meta(store)["status"] == "complete"
+    assert read_meta(store).status == "complete"
     records = read_records(store)
     assert sorted(records) == list(range(6))
     assert {r["rank"] for r in records.values()} == {0, 1}  # both ranks wrote units
@@ -94,7 +94,7 @@ def test_killed_run_resumes_with_another_world_size(setup):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node would
     proc.wait()
     store = next(root.glob("*.zarr"))
-    assert read_meta(store)["status"] == "writing"
+    assert read_meta(store).status == "writing"
     before = read_records(store)
     assert len(before) < 6
 
@@ -117,5 +117,5 @@ def test_a_rank_dying_leaves_the_cache_incomplete(setup):
     proc = subprocess.run(_torchrun(2, bad, ckpt, root), env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     store = next(root.glob("*.zarr"))
-    assert read_meta(store)["status"] != "complete"
+    assert read_meta(store).status != "complete"
     assert len(read_records(store)) < 6

@@ -67,14 +67,14 @@ class ExtractResult:
                 f"(key {self.key[:16]}, {self.seconds:.1f} s{rate}; {names}{loaded})")
 
 
-def _arrays_info(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    n = int(meta["n_samples"])
+def _arrays_info(meta: Any) -> dict[str, dict[str, Any]]:
+    """``ExtractResult.arrays`` from a ``cache.meta.StoreMeta``."""
     out: dict[str, dict[str, Any]] = {}
-    for a in meta["schema"]["arrays"]:
-        info: dict[str, Any] = {"dtype": a["dtype"], "inner_shape": list(a["inner_shape"]), "ragged": a["ragged"]}
-        if a["ragged"] is None:
-            info["shape"] = [n, *a["inner_shape"]]
-        out[a["name"]] = info
+    for a in meta.arrays:
+        info: dict[str, Any] = {"dtype": a.dtype, "inner_shape": list(a.inner_shape), "ragged": a.ragged}
+        if a.ragged is None:
+            info["shape"] = [meta.n_samples, *a.inner_shape]
+        out[a.name] = info
     return out
 
 
@@ -343,7 +343,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     key = make_key(record)
     path = cache_path(cache_root, key)
 
-    def existing() -> dict[str, Any] | None:
+    def existing() -> Any:  # the complete store's StoreMeta, else None
         if path.exists() and force:
             from cache.reader import remove_cache
 
@@ -354,7 +354,7 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                 meta = read_meta(path)
             except CacheError as exc:
                 raise CacheError(f"{exc}; the store for this key is damaged: pass --force to replace it") from None
-            if meta["status"] == "complete":
+            if meta.status == "complete":
                 from cache.verify import check_files, reopen_units, verify_cache
 
                 # never "reused" without looking: the cheap check (records, chunk files and sizes) always,
@@ -369,13 +369,13 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
                             "; ".join(check.problems[:3]), len(check.bad_units))
                 reopen_units(path, check.bad_units)
                 meta = read_meta(path)
-            log.info("resuming cache %s (status %s)", path, meta["status"])
+            log.info("resuming cache %s (status %s)", path, meta.status)
         return None
 
     done_meta = coord.on_main(existing)  # under torchrun only rank 0 looks (and removes with --force)
     if done_meta is not None:
         log.info("cache %s is complete; reusing it without running the backbone", path)
-        return ExtractResult(key=key, path=path, status="complete", reused=True, n_samples=int(done_meta["n_samples"]),
+        return ExtractResult(key=key, path=path, status="complete", reused=True, n_samples=done_meta.n_samples,
                              arrays=_arrays_info(done_meta), seconds=time.perf_counter() - t_start)
 
     device = rank_device(coord, resolve_device(config.device))
@@ -414,12 +414,12 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     if coord.distributed:
         # One snapshot, read by rank 0 only: ranks that each read the store could disagree (a unit
         # committed between two reads) and a unit would then belong to nobody.
-        from cache.layout import read_records, units_of
+        from cache.layout import read_records
 
         def pending_ids() -> list[int]:
-            lay = read_meta(path)["layout"]
+            units = read_meta(path).units()
             done = set(read_records(path))
-            return [u.id for u in units_of(n_samples=plan.n_samples, unit_rows=int(lay["unit_rows"])) if u.id not in done]
+            return [u.id for u in units if u.id not in done]
 
         assigned = coord.assign(coord.on_main(pending_ids))
 
@@ -448,8 +448,8 @@ def run_extract(*, config: ExtractConfig, checkpoint: Path, cache_root: Path, fo
     meta = read_meta(path)
     rate = samples_run / max(run_seconds, 1e-9)
     log.info("extracted %d samples in %.1f s (%.0f samples/s) into %s [%s]", samples_run, seconds, rate, path,
-             meta["status"])
-    return ExtractResult(key=key, path=path, status="complete" if complete else str(meta["status"]), reused=False,
+             meta.status)
+    return ExtractResult(key=key, path=path, status="complete" if complete else meta.status, reused=False,
                          n_samples=plan.n_samples, arrays=_arrays_info(meta), samples_run=samples_run,
                          seconds=seconds, run_seconds=run_seconds, load_summary=report.summary())
 
@@ -496,6 +496,6 @@ def _run_batches(*, backbone: Any, name: str, source: Any, dataset: Any, plan: A
     if masked_ids:
         from cache.writer import read_meta, update_meta
 
-        before = read_meta(writer.path).get("masked_samples") or []
+        before = read_meta(writer.path).extra.get("masked_samples") or []  # extract's own attribute
         update_meta(writer.path, masked_samples=sorted(set(before) | set(masked_ids)))
     return done

@@ -111,7 +111,7 @@ def metadata(run: Any, *, fmt: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return {"ftpipe_export": 1, "format": fmt, "run_id": run.run_id, "inputs": list(keys), "data": data,
             "task": run.task.to_dict(), "target": run.target, "head": run.record["train"]["arch"],
             "backbone": run.backbone_name, "finetune": run.record.get("finetune", {}).get("strategy"),
-            "checkpoint_sha256": run.cache.attrs["checkpoint"]["sha256"], "cache_key": run.cache.key,
+            "checkpoint_sha256": run.cache.meta.key_record["checkpoint_digest"], "cache_key": run.cache.key,
             "outputs": list(ragged.output_names(run)) if family else ["prediction"],
             "padding": ragged.padding_meta(run, family) if family else None}
 

@@ -370,7 +370,7 @@ def write_finetune_run(*, run: Any, result: FinetuneResult, runs_dir: Path) -> F
     group_lrs = {g["name"]: g["lr"] for p in result.phases for g in p["groups"]}
     ft = {"parent_run": run.run_id, "strategy": cfg.strategy, "config": {**asdict(cfg), "unfreeze": list(cfg.unfreeze)},
           "phases": result.phases, "best_epoch": result.best_epoch, "backbone": run.backbone_name,
-          "checkpoint_sha256": run.cache.attrs["checkpoint"]["sha256"], "weights": BACKBONE_WEIGHTS}
+          "checkpoint_sha256": run.cache.meta.key_record["checkpoint_digest"], "weights": BACKBONE_WEIGHTS}
     record = {**{k: v for k, v in parent.items() if k not in ("run_id", "config_id", "created", "sweep_id")},
               "run_id": run_id, "config_id": cid, "sweep_id": None, "created": created, "ftpipe_version": __version__,
               "device": str(run.model.device), "finetune": ft}

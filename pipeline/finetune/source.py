@@ -92,9 +92,8 @@ def extract_config_of(*, cache: Any, data: Path | None, device: str) -> tuple[An
     or ``data``; and the recorded sources."""
     from pipeline import config as cfg
 
-    meta = cache.attrs
-    kr = meta["key_record"]
-    sources = dict(meta.get("sources") or {})
+    kr = cache.meta.key_record  # the extraction's key record (pipeline.extract.run.key_record)
+    sources = dict(cache.meta.extra.get("sources") or {})  # extract's attributes (StoreMeta.extra)
     path = str(Path(data).resolve()) if data is not None else sources.get("data")
     if not path:
         raise ConfigError(f"the cache {cache.path.name} does not record where its data was (extracted before ftpipe "
@@ -112,7 +111,7 @@ def verified_checkpoint(*, cache: Any, sources: dict[str, Any], checkpoint: Path
     """The checkpoint file, re-hashed now (no memo) and checked against the sha256 the cache recorded."""
     from cache.key import checkpoint_digest
 
-    want = str(cache.attrs["checkpoint"]["sha256"])
+    want = str(cache.meta.key_record["checkpoint_digest"])
     path = Path(checkpoint) if checkpoint is not None else Path(str(sources.get("checkpoint") or ""))
     if checkpoint is None and not sources.get("checkpoint"):
         raise CheckpointError(f"the cache of run {run_id} does not record its checkpoint's path; pass --checkpoint "
@@ -170,7 +169,7 @@ def load_run(*, run_id: str, runs_dir: Path, device: Any, cache_root: Path | Non
     ckpt = verified_checkpoint(cache=cache, sources=sources, checkpoint=checkpoint, run_id=run_id)
     source = open_data(config=config.data, split_ratios=config.split_ratios, split_seed=config.split_seed)
     plan = source.plan()
-    if plan.fingerprint != cache.attrs["key_record"]["data"]["fingerprint"]:
+    if plan.fingerprint != cache.meta.key_record["data"]["fingerprint"]:
         raise DataError(f"the data at {config.data.path} is not what run {run_id}'s cache was extracted from (content "
                         "fingerprint differs); pass --data with the original data")
     adapter, report, _ = load_frozen_backbone(config=config, checkpoint=ckpt, plan=plan, device=device,
