@@ -30,6 +30,7 @@ import numpy as np
 from cache.errors import CacheError
 
 SCHEMA_VERSION = 1
+STATUSES = ("planned", "writing", "complete")  # a store's lifecycle (StoreMeta.status)
 DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 # Logit padding: large negative but finite (-inf * 0 = NaN in BCE)
 LOGIT_FILL = -1.0e4
