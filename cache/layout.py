@@ -386,4 +386,4 @@ def sha256_of(a: np.ndarray) -> str:
 
     a = np.ascontiguousarray(a)
     # reshape(-1) keeps the bytes but avoids memoryview's refusal of zero-size shapes
-    return hashlib.sha256(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"").hexdigest()
+    return hashlib.sha256(a.reshape(-1).view(np.uint8).data if a.size else b"").hexdigest()

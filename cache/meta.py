@@ -24,7 +24,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cache import layout as L
 from cache.errors import CacheError, CacheVersionError
@@ -216,7 +216,7 @@ def _check_json(what: str, obj: Any) -> None:
         raise CacheError(f"{what} must be plain JSON (no NaN, no objects): {exc}") from None
 
 
-def _open_group(path: Path, mode: str = "r+") -> Any:
+def _open_group(path: Path, mode: Literal["r", "r+", "a", "w", "w-"] = "r+") -> Any:
     import zarr
 
     try:

@@ -149,7 +149,7 @@ class CacheReader:
         self.path = as_path(path)
         self.verify = verify
         self.meta: StoreMeta = _read_meta(self.path)
-        self._group = zarr.open_group(str(self.path), mode="r")
+        self._group: Any = zarr.open_group(str(self.path), mode="r")  # Group; its items are arrays here
         self._specs = list(self.meta.arrays)
         self._by_name = {s.name: s for s in self._specs}
         self._index_cache: dict[str, np.ndarray] = {}
@@ -257,9 +257,8 @@ class CacheReader:
         elif self.status == "complete":
             data = self._read_checked(spec, z, lo, hi)
         else:
-            data = _read_uncompressed_chunks(z, lo, hi)
-            if data is None:
-                data = np.asarray(z[lo:hi])
+            fast = _read_uncompressed_chunks(z, lo, hi)
+            data = np.asarray(z[lo:hi]) if fast is None else fast
         if spec.dtype == "bfloat16" and not raw:
             data = _bf16_bits_to_float32(data)  # numpy has no bfloat16; float32 holds it exactly
         return data
@@ -335,7 +334,7 @@ class CacheReader:
                 for a in range(u_lo, u_hi, step):
                     b = min(u_hi, a + step)
                     piece = self._read_rows(spec, z, a, b, out=buf, units=[extent])
-                    h.update(memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8)) if piece.size else b"")
+                    h.update(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data if piece.size else b"")
                 if h.hexdigest() != digest:
                     raise CacheDamagedError(
                         f"cache {self.path.name} is damaged: {self._unit_name(extent)}: array {name} does not match "

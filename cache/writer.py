@@ -113,22 +113,22 @@ def create_cache(
     try:
         import zarr
 
-        group = zarr.open_group(str(tmp), mode="w")
+        store = zarr.open_group(str(tmp), mode="w")
         for spec in schema.arrays:
             n_rows = schema.n_samples if spec.ragged is None else int(lay.ragged[spec.ragged].total or 0)
-            z = group.create_array(spec.name, **L.array_kwargs(spec, layout=lay, n_rows=n_rows))
+            z = store.create_array(spec.name, **L.array_kwargs(spec, layout=lay, n_rows=n_rows))
             z.attrs.update({"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged})
             if spec.name == "split":
                 z.attrs["names"] = list(schema.split_names)
         for g, index in indexes.items():
-            z = group.create_array(
+            z = store.create_array(
                 f"{g}/index", shape=index.shape, dtype="int64", chunks=(lay.chunk_rows, 2),
                 compressors=None, fill_value=0,
             )
             z[:] = index
             z.attrs["meaning"] = f"[start, length] of each sample's rows in the flat {g}/* arrays"
         (tmp / L.UNITS_DIR).mkdir(parents=True)
-        group.attrs["ftpipe"] = ftpipe_attrs
+        store.attrs["ftpipe"] = ftpipe_attrs
         try:
             os.rename(tmp, path)
         except OSError:
@@ -165,7 +165,7 @@ def _create_remote(path: Any, *, schema: CacheSchema, lay: Layout, indexes: dict
     try:
         for spec in schema.arrays:
             n_rows = schema.n_samples if spec.ragged is None else int(lay.ragged[spec.ragged].total or 0)
-            attributes = {"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged}
+            attributes: dict[str, Any] = {"dtype": spec.dtype, "meaning": spec.meaning, "ragged": spec.ragged}
             if spec.name == "split":
                 attributes["names"] = list(schema.split_names)
             parents(spec.name)

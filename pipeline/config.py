@@ -223,7 +223,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _unknown_key_error(cls: type, data: Mapping[str, Any], *, source: str, prefix: str = "") -> ConfigError | None:
+def _unknown_key_error(cls: Any, data: Mapping[str, Any], *, source: str, prefix: str = "") -> ConfigError | None:
     """The first unknown key, named by its path (``backbone.tapz``) with the closest field (did you mean)."""
     import typing
 

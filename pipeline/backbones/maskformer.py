@@ -133,6 +133,9 @@ class DecoderLayer(nn.Module):
 class MaskFormer(nn.Module):
     """hits (B, L, F) + mask (B, L) -> objects (B, Q, D), valid logits (B, Q), hits (B, L, D), assign (B, Q, L)."""
 
+    input_mean: torch.Tensor  # buffers (registered in __init__)
+    input_std: torch.Tensor
+
     def __init__(
         self, *, n_features: int, dim: int, num_heads: int, encoder_layers: int, decoder_layers: int,
         num_queries: int, mlp_ratio: int,

@@ -183,7 +183,7 @@ class LinearProbe:
         scale = (sw / n).unsqueeze(1) if sw is not None else None
         rows = torch.arange(n, device=x.device)
         binary = self.n_out == 1
-        yf = y.to(x.dtype).unsqueeze(1) if binary else None
+        yf = y.to(x.dtype).unsqueeze(1)  # used by the binary loss only
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=int(self.params["max_iter"]), history_size=20,
                                 tolerance_grad=float(self.params["tol"]), tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")
@@ -373,6 +373,9 @@ class LinearProbe:
 
 class _ProbeModule(torch.nn.Module):
     """``LinearProbe.outputs`` as a module: standardisation as buffers, weight and bias as parameters."""
+
+    mean: torch.Tensor  # buffers (registered below)
+    std: torch.Tensor
 
     def __init__(self, *, inputs: tuple[str, ...], d: int, n_out: int, binary: bool) -> None:
         super().__init__()

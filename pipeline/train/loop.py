@@ -163,7 +163,9 @@ class RowBatches:
             self._pos = 0
         sl = self.slices[self._pos]
         self._pos += 1
-        return self._perm[sl]
+        perm = self._perm
+        assert perm is not None  # set above on the first call of each epoch
+        return perm[sl]
 
 
 # --------------------------------------------------------------------------- steps
