@@ -292,8 +292,6 @@ class SingleStep:
 
     def __init__(self, *, module: "torch.nn.Module", optim: Optim, data: StepData, options: StepOptions,
                  device: "torch.device") -> None:
-        import torch
-
         self.module = module.to(device)
         self.data, self.options, self.device = data, options, device
         self.opt = AdamW(list(module.parameters()), lr=optim.lr, weight_decay=optim.weight_decay,
