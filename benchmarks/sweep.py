@@ -231,12 +231,22 @@ def main() -> None:
               f"{'OK' if r_e2e >= 100 else 'BELOW'}")
         step_s, eval_s = split_time
         other_s = sweep_s - step_s - eval_s
+        # "other", split with the sweep record's own clocks: before/after run_sweep (interpreter, imports, the
+        # spec, the leaderboard, the JSON), the cache load, the strategy measurement, and the rest inside the
+        # sweep (building heads, final predictions and metrics, writing records)
+        timings = json.loads(Path(sweeps["auto"][1]["record"]).read_text()).get("timings") or {}
+        outside_s = sweep_s - float(timings.get("total_seconds") or 0.0)
+        load_s, measure_s = float(timings.get("load_seconds") or 0.0), float(timings.get("measure_seconds") or 0.0)
+        rest_s = other_s - outside_s - load_s - measure_s
         if before_s is not None:
             print(f"  end to end with the code in {args.before}:  {old_s / (before_s + extract_s):.0f}x")
         print(f"\nper configuration (sweep wall {sweep_s:.2f} s / {k}): {sweep_s / k:.3f} s = train steps "
               f"{step_s / k:.3f} s + evaluations {eval_s / k:.3f} s + other {other_s / k:.3f} s "
               f"(start-up, cache load, final metrics, records); non-training share "
               f"{100 * (1 - step_s / sweep_s):.0f} %")
+        print(f"  other, per configuration: interpreter + imports + spec + leaderboard {outside_s / k:.3f} s, "
+              f"cache load {load_s / k:.3f} s, strategy measurement {measure_s / k:.3f} s, head builds + final "
+              f"metrics + records {rest_s / k:.3f} s")
         for strategy in ("in-turn", "stacked"):
             if strategy in sweeps:
                 print(f"  sweep auto vs --strategy {strategy}: {sweeps[strategy][0] / sweep_s:.2f}x")

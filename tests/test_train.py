@@ -225,3 +225,32 @@ def test_stacked_sweep_group_refuses_a_selection_split_without_targets():
     configs = [TrainConfig(arch="linear-sgd", epochs=2, seed=s) for s in (0, 1)]
     with pytest.raises(TrainError, match=r"no val row with a usable target"):
         fit_group_stacked(configs=configs, features=_random_features(y, split))
+@pytest.mark.parametrize("weight_decay,lam", [(0.0, None), (0.05, lambda t: 0.5 * (1 + np.cos(np.pi * t / 30)))])
+def test_loop_adamw_is_bitwise_torch_adamw_with_lambdalr(weight_decay, lam):
+    """pipeline.train.loop.AdamW (which avoids torch.optim's import of torch._dynamo) takes exactly the steps
+    of torch.optim.AdamW + LambdaLR on the CPU: same weights bit for bit, same lr, a gradient-less
+    parameter left alone, grad clipping in between as SingleStep does."""
+    from pipeline.train.loop import AdamW
+
+    def model():
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        return torch.nn.ModuleList([net, torch.nn.Linear(2, 2)])  # [1] is never used: its grad stays None
+
+    ref, mine = model(), model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam or (lambda t: 1.0))
+    own = AdamW(list(mine.parameters()), lr=3e-3, weight_decay=weight_decay, lr_lambda=lam)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x, y = torch.randn(32, 7, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        for m, step in ((ref, lambda: (opt.step(), sched.step())), (mine, own.step)):
+            for p in m.parameters():
+                p.grad = None
+            torch.nn.functional.cross_entropy(m[0](x), y).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            step()
+        assert own.lr == opt.param_groups[0]["lr"]
+    for (name, a), b in zip(ref.state_dict().items(), mine.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(ref.state_dict()["0.0.weight"], model().state_dict()["0.0.weight"])  # it did train

@@ -5,7 +5,8 @@ early stopping on a val plateau counted in evaluations, best-on-val weights (sna
 improvement, restored at the end), the history rows, the ``converged`` verdict and the progress bar.
 What it does not own is plugged in as a ``Step``:
 
-- ``SingleStep`` (here): one ``nn.Module``, stock ``torch.optim.AdamW`` + ``LambdaLR``, ``clip_grad_norm_``;
+- ``SingleStep`` (here): one ``nn.Module``, ``AdamW`` (here: torch.optim.AdamW + LambdaLR's arithmetic, without
+  importing torch._dynamo), ``clip_grad_norm_``;
 - ``pipeline.train.stacked.StackedStep``: K same-shaped modules as one ``vmap``-ed model, per-member AdamW;
 - a fine-tune step (backbone in the loop, batches from a ``DataLoader``) can plug in the same way: a
   ``Step`` draws its own batches, so the loop never sees rows, tensors or loaders.
@@ -232,21 +233,71 @@ def autocast(options: StepOptions, device: "torch.device") -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=options.autocast)
 
 
+class AdamW:
+    """``torch.optim.AdamW`` (its CPU single-tensor path: no amsgrad, no maximize) + ``LambdaLR``, op for op.
+
+    Why not torch.optim: the first torch.optim optimizer of a process imports ``torch._dynamo`` (its
+    methods are wrapped in ``torch._disable_dynamo``): 2-6 s measured on the shared 2 cores, more than all
+    the training steps of a small sweep and paid again by every ``train-head`` process. The arithmetic
+    below is the same sequence of tensor ops with the same Python-float scalars as
+    ``torch.optim.adam._single_tensor_adam``, so weights are bitwise those of ``torch.optim.AdamW`` on the CPU
+    (tests/test_train.py checks it); on CUDA torch would use its foreach kernels, equal to rounding.
+    ``lr_lambda(t)`` multiplies the base lr at step t, as ``LambdaLR`` stepped once per optimiser step does.
+    """
+
+    def __init__(self, params: "Sequence[torch.Tensor]", *, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_lambda: Callable[[int], float] | None = None) -> None:
+        self.params = list(params)
+        self.base_lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.lr_lambda = lr_lambda or (lambda s: 1.0)
+        self.t = 0  # scheduler steps taken
+        self.lr = self.base_lr * self.lr_lambda(0)
+        self.state: list[Any] = [None] * len(self.params)  # per parameter [step, exp_avg, exp_avg_sq], lazily
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        lr, wd, (beta1, beta2), eps = self.lr, self.weight_decay, self.betas, self.eps
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    continue  # torch.optim skips a parameter without a gradient (no decay, no moments)
+                st = self.state[i]
+                if st is None:
+                    st = self.state[i] = [0.0, torch.zeros_like(p, memory_format=torch.preserve_format),
+                                          torch.zeros_like(p, memory_format=torch.preserve_format)]
+                st[0] += 1.0
+                step, exp_avg, exp_avg_sq = st
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                exp_avg.lerp_(g, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+        self.t += 1
+        self.lr = self.base_lr * self.lr_lambda(self.t)
+
+
 class SingleStep:
-    """One module, ``torch.optim.AdamW`` + ``LambdaLR`` + ``clip_grad_norm_``: ``train-head``'s step."""
+    """One module, ``AdamW`` (torch.optim.AdamW + LambdaLR, op for op) + ``clip_grad_norm_``: ``train-head``'s step."""
 
     k = 1
 
     def __init__(self, *, module: "torch.nn.Module", optim: Optim, data: StepData, options: StepOptions,
                  device: "torch.device") -> None:
-        import torch
-
         self.module = module.to(device)
         self.data, self.options, self.device = data, options, device
-        self.opt = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                     betas=options.betas, eps=options.eps)
-        lam = options.lr_lambda or (lambda s: 1.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lam)
+        self.opt = AdamW(list(module.parameters()), lr=optim.lr, weight_decay=optim.weight_decay,
+                         betas=options.betas, eps=options.eps, lr_lambda=options.lr_lambda)
         self.batches = RowBatches(data.train_rows, batch_size=options.batch_size, seed=optim.seed,
                                   drop_single=options.drop_single, epoch_order=data.epoch_order)
         self.y_val = data.targets.index_select(0, data.val_rows)
@@ -260,12 +311,11 @@ class SingleStep:
         with autocast(self.options, self.device):
             out = self.module(self.data.batch_fn(rows))
         loss = self.data.loss_fn(out, self.data.targets.index_select(0, rows))
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
         if self.options.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.options.grad_clip)
         self.opt.step()
-        self.sched.step()
         return loss.detach().reshape(1)
 
     def evaluate(self) -> list[dict[str, float]]:
@@ -282,7 +332,7 @@ class SingleStep:
         return [row]
 
     def lr(self, i: int) -> float:
-        return float(self.opt.param_groups[0]["lr"])
+        return self.opt.lr
 
     def snapshot(self, i: int) -> dict[str, "torch.Tensor"]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
