@@ -32,3 +32,16 @@ def test_every_dotted_module_in_the_docs_exists():
                for m in sorted(set(re.findall(r"(?<![\w/.])((?:pipeline|cache)(?:\.[A-Za-z_]\w*)+)", doc.read_text())))
                if not _module_exists(m)]
     assert not missing, f"modules named in the docs that do not exist: {missing}"
+
+
+def _layout_tree() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("## Layout"):].split("```")[1]
+
+
+def test_the_readme_layout_tree_names_every_module_and_nothing_gone():
+    tree = _layout_tree()
+    named = set(re.findall(r"\b(\w+)\.py\b", tree))
+    have = {p.stem for d in ("pipeline", "cache") for p in (ROOT / d).rglob("*.py") if p.stem != "__init__"}
+    assert not sorted(have - named), f"modules the README Layout tree does not list: {sorted(have - named)}"
+    assert not sorted(named - have - {"cli"}), f"the README Layout tree lists modules that are gone: {sorted(named - have)}"
