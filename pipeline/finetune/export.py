@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from pipeline.errors import FtpipeError
 
@@ -69,8 +71,6 @@ class ExportResult:
 
 
 def _inference_module(*, model: Any, task: Any, keys: tuple[str, ...]) -> Any:
-    from torch import nn
-
     class InferenceModel(nn.Module):
         """(*input arrays) -> decoded predictions."""
 
@@ -131,8 +131,6 @@ def _outputs(out: Any) -> list[np.ndarray]:
 
 
 def _example_batches(run: Any, keys: tuple[str, ...], module: Any) -> list[Example]:
-    import torch
-
     n = run.plan.n_samples
     out = []
     for idx in (list(range(min(4, n))), list(range(min(4, n), min(7, n))) or list(range(min(3, n)))):
@@ -147,8 +145,6 @@ def _ragged_examples(run: Any, module: Any) -> list[Example]:
     """Three check batches, each compared with the composed model on the Python-batched path (extract's and
     finetune's): natural padding; fewer samples padded well beyond their longest (another batch and sequence
     size, and padding with junk in it); a sample with no hits / sets beside a real one."""
-    import torch
-
     from pipeline.finetune import ragged
 
     n, dev = run.plan.n_samples, run.model.device
@@ -173,8 +169,6 @@ def _ragged_examples(run: Any, module: Any) -> list[Example]:
 def _pad_more(xs: list[Any], extra: int, dims: list[tuple[str | None, ...]]) -> list[Any]:
     """Pad every sequence dimension by ``extra`` positions holding junk (a huge value; masks False): the
     exported model must ignore what padding holds and how long it is."""
-    import torch
-
     out = []
     for x, names in zip(xs, dims):
         for dim, name in enumerate(names):
@@ -218,8 +212,6 @@ class Plan:
     dims: list[dict[int, str]]  # per input: dynamic dimension -> its name (one name = one size)
 
     def dynamic_shapes(self) -> tuple[tuple[dict[int, Any], ...]]:
-        import torch
-
         made: dict[str, Any] = {}
         per_input = tuple({d: made.setdefault(n, torch.export.Dim(n, min=1)) for d, n in dims.items()}
                           for dims in self.dims)
@@ -227,8 +219,6 @@ class Plan:
 
 
 def _write_torchscript(plan: Plan, tmp: Path, meta: str) -> float:
-    import torch
-
     try:
         with warnings.catch_warnings():
             # shape-dependent Python in the heads warns while tracing; the check batches (other batch and
@@ -244,8 +234,6 @@ def _write_torchscript(plan: Plan, tmp: Path, meta: str) -> float:
 
 
 def _write_export(plan: Plan, tmp: Path, meta: str) -> float:
-    import torch
-
     try:
         ep = torch.export.export(plan.module, plan.examples[0].xs, dynamic_shapes=plan.dynamic_shapes())
         torch.export.save(ep, str(tmp), extra_files={META_NAME: meta})
@@ -257,8 +245,6 @@ def _write_export(plan: Plan, tmp: Path, meta: str) -> float:
 
 
 def _write_onnx(plan: Plan, tmp: Path, meta: str) -> float:
-    import torch
-
     try:
         import onnx
         import onnxruntime as ort
@@ -305,8 +291,6 @@ def _plan(run: Any, keys: tuple[str, ...]) -> Plan:
 def export_run(*, run_id: str, runs_dir: Path, out: Path, fmt: str = "torchscript", cache_root: Path | None = None,
                checkpoint: Path | None = None, data: Path | None = None, device: Any = None) -> ExportResult:
     """Load and verify the run (cached head or fine-tune), compose, export, check, write atomically."""
-    import torch
-
     from pipeline.finetune.source import load_run
 
     t0 = time.perf_counter()

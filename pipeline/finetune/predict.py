@@ -41,8 +41,6 @@ def _zip_meta(path: Path) -> dict[str, Any] | None:
 
 def load_model(path: Path, *, device: Any) -> tuple[Callable[..., list[np.ndarray]], dict[str, Any]]:
     """(callable on input tensors -> numpy outputs, metadata) for a torchscript, torch.export or onnx file."""
-    import torch
-
     from pipeline.finetune.export import _outputs
 
     path = Path(path)

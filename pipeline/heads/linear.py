@@ -45,8 +45,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.errors import ConfigError, TrainError
 from pipeline.heads.base import HeadFamily, pooled_inputs, torch_head
@@ -55,8 +57,6 @@ from pipeline.registry import register_head
 from pipeline.task import Task
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from pipeline.config import TrainConfig
     from pipeline.train.fit import FeatureSet
 
@@ -432,6 +432,4 @@ register_head("linear")(HeadFamily(
 @torch_head("linear-sgd", defaults={"features": None})
 def build_linear_sgd(*, params: dict, shapes: dict, n_outputs: int) -> Any:
     """One Linear layer trained by the SGD loop (``pipeline.train.loop``): logits or standardised values."""
-    import torch.nn as nn
-
     return pooled_net(inputs=list(shapes), net=nn.Linear(pooled_dim(shapes), n_outputs))

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import numpy as np
+import torch
+
 from pipeline.config import TrainConfig, resolve_device, to_dict
 from pipeline.errors import ConfigError, TrainError
 
 if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
     from pipeline.heads.base import Head
     from pipeline.task import Task
 
@@ -74,8 +74,6 @@ class FeatureSet:
 
     def rows(self, split: str) -> "torch.Tensor":
         """Sample indices of ``split`` (LongTensor on the device). Missing or empty -> TrainError."""
-        import torch
-
         if split not in self.split_names:
             raise TrainError(f"split {split!r} does not exist in this cache; it has {list(self.split_names)}")
         rows = torch.nonzero(self.split_codes == self.split_names.index(split)).flatten()
@@ -133,9 +131,6 @@ class FeatureSet:
                      specs: Mapping[str, Any] | None = None) -> "FeatureSet":
         """Build from in-memory arrays (numpy or torch; Ragged for ragged), e.g. for benchmarks and tests.
         NaN checks as for a cache."""
-        import numpy as np
-        import torch
-
         arr = {}
         for n, a in arrays.items():
             if _is_dense(a) or isinstance(a, np.ndarray):
@@ -151,14 +146,10 @@ class FeatureSet:
 
 
 def _is_dense(a: Any) -> bool:
-    import torch
-
     return isinstance(a, torch.Tensor)
 
 
 def _check_finite(name: str, a: Any) -> None:
-    import torch
-
     t = a if _is_dense(a) else a.values
     if t.is_floating_point():
         bad = ~torch.isfinite(t)
@@ -171,8 +162,6 @@ def _check_finite(name: str, a: Any) -> None:
 
 def memory_budget_bytes(*, device: "torch.device", budget_gb: float | None) -> int:
     """``budget_gb`` if given, else 80% of the device's free memory (CPU: MemAvailable)."""
-    import torch
-
     if budget_gb is not None:
         return int(budget_gb * 1e9)
     if device.type == "cuda":
@@ -195,9 +184,6 @@ def load_features(*, cache: Any, arrays: Iterable[str], targets: Iterable[str], 
     Checks the memory budget first (TrainError listing each array's size) and that features are
     finite (TrainError naming the array). Floats become float32.
     """
-    import numpy as np
-    import torch
-
     specs = {s.name: s for s in cache.arrays()}
     arrays = list(dict.fromkeys(arrays))
     target_names = [f"targets/{t}" for t in dict.fromkeys(targets)]
@@ -272,9 +258,6 @@ def head_inputs(*, config: TrainConfig, available: Iterable[str]) -> tuple[str, 
 def resolve_task(*, config: TrainConfig, features: FeatureSet, target: str, train_rows: "torch.Tensor") -> "Task":
     """Task kind (config, else the head's only task, else guessed from the target), loss, classes,
     class weights and target standardisation, all fitted on the train rows only."""
-    import numpy as np
-    import torch
-
     from pipeline.registry import HEADS
     from pipeline.task import Task
 
@@ -334,8 +317,6 @@ def resolve_task(*, config: TrainConfig, features: FeatureSet, target: str, trai
 
 def build_head(*, config: TrainConfig, features: FeatureSet, task: "Task") -> "Head":
     """Seed, then build ``config.arch`` for ``features`` (shapes of its inputs) and ``task`` on the device."""
-    import torch
-
     from pipeline.registry import HEADS
 
     family = HEADS.get(config.arch)
@@ -358,8 +339,6 @@ def build_head(*, config: TrainConfig, features: FeatureSet, task: "Task") -> "H
 
 
 def _has_batchnorm(module: "torch.nn.Module") -> bool:
-    import torch
-
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
@@ -371,8 +350,6 @@ def _cpu_threads(*, module: "torch.nn.Module", batch_size: int, device: "torch.d
     up, and on a shared machine their spin-waiting made an MLP2 epoch 14x slower (measured: 15.7 s vs
     1.1 s for 20 epochs on 2 loaded cores).
     """
-    import torch
-
     n_params = sum(p.numel() for p in module.parameters())
     small = device.type == "cpu" and n_params * batch_size < 5e7
     before = torch.get_num_threads()
@@ -440,8 +417,6 @@ def train_module(*, module: "torch.nn.Module", inputs: tuple[str, ...], task: "T
                  progress: bool = False) -> Any:
     """Train a torch head in place through ``pipeline.train.loop.run_loop`` with a ``SingleStep``; the best-on-val
     weights are restored. Returns the ``loop.LoopResult`` (history, converged, steps, budget)."""
-    import torch
-
     from pipeline.train import loop as L
 
     device = features.device
@@ -489,8 +464,6 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
     ``light`` splits get only the per-evaluation metrics (auroc + accuracy, or mse + mae + r2, and n): train
     figures only tell under- from over-fitting, and the full scikit-learn set on the train rows cost more than
     a small head's training (measured in benchmarks/sweep.py)."""
-    import numpy as np
-
     from pipeline.results import metrics as M
 
     light = tuple(light)
@@ -680,9 +653,6 @@ def object_metrics(*, fit_result: FitResult, features: FeatureSet) -> dict[str, 
     """Per-object regression figures per split (``object_metrics.json``): resolution of the target field
     (pt: also binned in true pt, and in true eta when ``targets/eta`` was loaded), and the same figures for
     the train-mean constant as ``baseline_*``."""
-    import numpy as np
-    import torch
-
     from pipeline.results.object_metrics import per_object_metrics
 
     target = fit_result.target

@@ -42,10 +42,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 AUTO_EPOCHS = 100  # auto budget: this many epochs' worth of steps ...
 AUTO_MIN_STEPS = 2000  # ... but at least this many (tiny data: hundreds of epochs; 1,000 left mlp2 on digits
@@ -136,8 +135,6 @@ class RowBatches:
 
     def __init__(self, rows: "torch.Tensor", *, batch_size: int, seed: int, drop_single: bool,
                  epoch_order: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None) -> None:
-        import torch
-
         self.rows = rows
         self.epoch_order = epoch_order
         self.n = int(rows.numel())
@@ -151,8 +148,6 @@ class RowBatches:
 
     def next_order(self) -> "torch.Tensor":
         """The next epoch's permutation of 0..n-1 (CPU)."""
-        import torch
-
         return torch.randperm(self.n, generator=self.gen)
 
     def __next__(self) -> "torch.Tensor":
@@ -228,8 +223,6 @@ class StepOptions:
 
 
 def autocast(options: StepOptions, device: "torch.device") -> Any:
-    import torch
-
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=options.autocast)
 
 
@@ -260,8 +253,6 @@ class AdamW:
             p.grad = None
 
     def step(self) -> None:
-        import torch
-
         lr, wd, (beta1, beta2), eps = self.lr, self.weight_decay, self.betas, self.eps
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -303,8 +294,6 @@ class SingleStep:
         self.y_val = data.targets.index_select(0, data.val_rows)
 
     def train_step(self) -> "torch.Tensor":
-        import torch
-
         if not self.module.training:
             self.module.train()
         rows = next(self.batches)
@@ -319,8 +308,6 @@ class SingleStep:
         return loss.detach().reshape(1)
 
     def evaluate(self) -> list[dict[str, float]]:
-        import torch
-
         self.module.eval()
         d, vr = self.data, self.data.val_rows
         with torch.inference_mode():

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from pipeline.errors import TrainError
 from pipeline.train.fit import FeatureSet
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +81,6 @@ class StreamedFeatureSet(FeatureSet):
         return int(self.budget * (1 - WORKING_SHARE)) - self.nbytes()
 
     def batch(self, names: Iterable[str], rows: "torch.Tensor") -> dict[str, "torch.Tensor"]:
-        import torch
-
         names = list(names)
         for n in names:
             self._array(n)  # TrainError naming the arrays that were loaded
@@ -153,8 +149,6 @@ class StreamedFeatureSet(FeatureSet):
 
     def epoch_order(self, train_rows: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
         """A permutation of ``train_rows``: blocks in a shuffled order, rows shuffled within each block."""
-        import torch
-
         r = np.sort(train_rows.detach().cpu().numpy().astype(np.int64, copy=False))
         which = r // self.blocks.block_rows
         uniq, starts = np.unique(which, return_index=True)
@@ -180,8 +174,6 @@ def _ragged(values: "torch.Tensor", index: "torch.Tensor") -> Any:
 
 
 def _cat_ragged(parts: list[Any]) -> Any:
-    import torch
-
     from cache.ragged import Ragged
 
     return Ragged.from_lengths(torch.cat([p.values for p in parts]), torch.cat([p.lengths for p in parts]))
@@ -189,8 +181,6 @@ def _cat_ragged(parts: list[Any]) -> Any:
 
 def _to_torch(specs: dict[str, Any], *, widen: bool) -> Any:
     """Runs on the prefetch thread: a block's numpy buffers as CPU tensors (no copy), checked finite."""
-    import torch
-
     def finite(name: str, a: np.ndarray) -> None:
         if a.dtype == np.uint16:  # bfloat16 bits: all-ones exponent is inf/NaN
             bad = bool(((a & 0x7F80) == 0x7F80).any())
@@ -227,7 +217,6 @@ def _to_torch(specs: dict[str, Any], *, widen: bool) -> Any:
 
 def _make_sequence(features: StreamedFeatureSet, names: list[str], rows: np.ndarray) -> Any:
     import lightgbm as lgb
-    import torch
 
     class _Rows(lgb.Sequence):
         # LightGBM reads Sequence rows by index (its bin sample) and then by slices of batch_size
@@ -248,8 +237,6 @@ def _make_sequence(features: StreamedFeatureSet, names: list[str], rows: np.ndar
 
 
 def _as_float(t: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
@@ -297,8 +284,6 @@ def streamed_features(*, cache: Any, arrays: list[str], target_names: list[str],
                       device: "torch.device", budget: int, need: int, select_split: str = "val",
                       why: str = "") -> StreamedFeatureSet:
     """A ``StreamedFeatureSet`` over ``arrays`` whose resident part fits ``budget`` bytes (else TrainError)."""
-    import torch
-
     from cache.blocks import BlockReader, held_row_bytes
 
     bound_allocator()
@@ -364,8 +349,6 @@ def _rows_bytes(cache: Any, arrays: list[str], rows: np.ndarray, *, widen: bool)
 def _gather_resident(blocks: Any, arrays: list[str], sel: np.ndarray, *, device: "torch.device",
                      wide: bool) -> dict[str, Any]:
     """``sel``'s rows of ``arrays``, read block by block into preallocated tensors (no concatenated copy)."""
-    import torch
-
     from cache.ragged import Ragged
 
     out: dict[str, Any] = {}

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from pipeline import config as cfg
 from pipeline.errors import ConfigError, FtpipeError
 from pipeline.train.sweep_spec import SweepSpec, TrialConfig
@@ -558,8 +560,6 @@ def fit_group_stacked(*, configs: Sequence[cfg.TrainConfig], features: Any) -> l
     trained by ``pipeline.train.loop.run_loop`` with the stacked step (the loop ``train.fit`` runs), then evaluated and returned like
     an in-turn fit, so records cannot tell the two apart except by the sweep record's strategy.
     """
-    import torch
-
     from pipeline.train import fit as T
     from pipeline.train import stacked as S
     from pipeline.train.loop import Optim
