@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import extract_fixtures as fx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from s3_helpers import free_port, fresh_clients
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -32,29 +32,18 @@ run_extract(config=conf, checkpoint=Path(sys.argv[2]), cache_root=sys.argv[3], p
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_clients() -> None:
-    # fsspec caches filesystem instances (and their endpoint): a changed environment needs new ones
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
 def s3():
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    _fresh_clients()
+    fresh_clients()
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="ftpipe-test")
@@ -65,7 +54,7 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    _fresh_clients()
+    fresh_clients()
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -162,14 +151,14 @@ def test_bad_object_stores_are_one_line(tmp_path, s3, monkeypatch):
     data = fx.make_data(tmp_path / "data.npz", n=12)
     ckpt, _ = fx.lightning_checkpoint(tmp_path / "model.ckpt")
     config = fx.write_config(tmp_path / "tiny.yaml", data=data)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    _fresh_clients()
+    fresh_clients()
     try:
         code, out = _cli("extract", "--config", str(config), "--checkpoint", str(ckpt), "--device", "cpu",
                          "--cache-root", "s3://ftpipe-test/caches")
     finally:
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
-        _fresh_clients()
+        fresh_clients()
     assert code == 2 and out.count("\n") == 1, out
     assert "cannot be used" in out and "AWS_ENDPOINT_URL" in out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import extract_fixtures as fx
 import pytest
 from click.testing import CliRunner
+from s3_helpers import free_port, fresh_clients
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -32,16 +32,6 @@ READ_ONLY = {"Version": "2012-10-17", "Statement": [
 READ_WRITE = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_clients() -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def iam_s3(tmp_path_factory):
     """(endpoint, read-write credentials, read-only credentials) of a server that checks IAM policies."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     # auth starts after this many requests; setup below then switches it on at once through reset-auth
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1000000"}
@@ -93,7 +83,7 @@ def _use(monkeypatch, creds: dict[str, str]) -> None:
     for k, v in creds.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    _fresh_clients()
+    fresh_clients()
 
 
 def _cli(*args: str) -> tuple[int, str]:
