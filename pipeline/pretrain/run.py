@@ -51,6 +51,17 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "head."  # stage-one head keys, saved as model.head.<key>; family CheckpointRules drop "head.*"
 
 
+def split_options(family: str, options: dict[str, Any], *, init_args: dict[str, Any],
+                  knobs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set`` options of a stage-one run -> (init args given, training knobs with defaults filled)."""
+    unknown = sorted(set(options) - set(init_args) - set(knobs))
+    if unknown:
+        raise ConfigError(f"{family} pretrain: unknown option(s) {unknown}; init args: {sorted(init_args)}, "
+                          f"training: {sorted(knobs)}")
+    init = {k: v for k, v in options.items() if k in init_args}
+    return init, {**knobs, **{k: v for k, v in options.items() if k in knobs}}
+
+
 @dataclass(frozen=True)
 class PretrainResult:
     module: Any  # torch.nn.Module: the backbone, saved as model.<key>

@@ -25,7 +25,7 @@ from pipeline.backbones.setvae import (
     stage_one_losses,
 )
 from pipeline.errors import ConfigError
-from pipeline.pretrain.run import PretrainResult
+from pipeline.pretrain.run import PretrainResult, split_options
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ TRAIN_KNOBS: dict[str, Any] = {
     "label": "label",  # plan target the auxiliary head learns
 }
 DEFAULT_EPOCHS = 12
-
-
-def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    unknown = sorted(set(options) - set(DEFAULT_INIT_ARGS) - set(TRAIN_KNOBS))
-    if unknown:
-        raise ConfigError(f"setvae pretrain: unknown option(s) {unknown}; init args: {sorted(DEFAULT_INIT_ARGS)}, "
-                          f"training: {sorted(TRAIN_KNOBS)}")
-    init = {k: v for k, v in options.items() if k in DEFAULT_INIT_ARGS}
-    knobs = {**TRAIN_KNOBS, **{k: v for k, v in options.items() if k in TRAIN_KNOBS}}
-    return init, knobs
 
 
 def _batch(items: list, rows: np.ndarray, *, source: Any, columns: SetColumns, device: torch.device) -> SetBatch:
@@ -101,7 +91,8 @@ def pretrain_setvae(*, source: Any, epochs: int | None, device: torch.device, se
     """Reconstruction + beta KL (+ the label via an auxiliary head) on the train split; metrics on val."""
     from tqdm import tqdm
 
-    init, knobs = _split_options(options)
+    init, knobs = split_options("setvae", options, init_args=DEFAULT_INIT_ARGS,
+                                knobs=TRAIN_KNOBS)
     args = resolve_init_args(family="setvae", defaults=DEFAULT_INIT_ARGS, hparams={}, overrides=init)
     plan = source.plan()
     columns = SetColumns.from_plan(plan)

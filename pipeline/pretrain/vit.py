@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.backbones.base import resolve_init_args
 from pipeline.backbones.vit import DEFAULT_INIT_ARGS, VisionTransformer
 from pipeline.errors import ConfigError
-from pipeline.pretrain.run import PretrainResult
+from pipeline.pretrain.run import PretrainResult, split_options
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,6 @@ TRAIN_KNOBS: dict[str, Any] = {
     "flip": True,  # random horizontal flips (the shapes are left-right symmetric)
 }
 DEFAULT_EPOCHS = 15
-
-
-def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    unknown = sorted(set(options) - set(DEFAULT_INIT_ARGS) - set(TRAIN_KNOBS))
-    if unknown:
-        raise ConfigError(f"vit pretrain: unknown option(s) {unknown}; init args: {sorted(DEFAULT_INIT_ARGS)}, "
-                          f"training: {sorted(TRAIN_KNOBS)}")
-    init = {k: v for k, v in options.items() if k in DEFAULT_INIT_ARGS}
-    knobs = {**TRAIN_KNOBS, **{k: v for k, v in options.items() if k in TRAIN_KNOBS}}
-    return init, knobs
 
 
 @torch.no_grad()
@@ -55,7 +45,8 @@ def pretrain_vit(*, source: Any, epochs: int | None, device: torch.device, seed:
     """Cross-entropy on the labels through ``head`` (train split); accuracy on val."""
     from tqdm import tqdm
 
-    init, knobs = _split_options(options)
+    init, knobs = split_options("vit", options, init_args=DEFAULT_INIT_ARGS,
+                                knobs=TRAIN_KNOBS)
     plan = source.plan()
     name = str(knobs["label"])
     if name not in plan.targets:
