@@ -8,8 +8,8 @@ Notable features:
   ``widen`` asks for float32 (training on the CPU, where the host is the device): then the prefetch
   thread widens them into the slot (torch's vectorised cast, which releases the GIL: it overlaps
   training; numpy's float16 cast measured 30x slower);
-- ``schedule(order)`` tells the reader the epoch's block order; ``get(b)`` returns block ``b`` and keeps
-  the next ``ahead`` blocks of the schedule in flight on a single prefetch thread
+- ``schedule(order, then=...)`` tells the reader the epoch's block order (and the next epoch's first
+  blocks); ``get(b)`` returns block ``b`` and keeps the next ``ahead`` blocks of the schedule in flight on a single prefetch thread
   (``concurrent.futures``); exactly ``ahead + 1`` slots of preallocated buffers exist and are reused
   block after block, plus one storage-dtype staging buffer when widening, so memory is fixed at
   ``held_bytes()`` whatever the cache size (no per-block allocation for the allocator to fragment);
@@ -90,6 +90,7 @@ class BlockReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftpipe-prefetch")
         self._held: collections.OrderedDict[int, tuple[Future, int]] = collections.OrderedDict()
         self._order: list[int] = []
+        self._then: list[int] = []
         self._pos: dict[int, int] = {}
         self._cursor = 0  # the furthest schedule position asked for: an earlier block is off-schedule
         self.blocks_read = 0
@@ -176,9 +177,12 @@ class BlockReader:
         slot = self._free[-1] if self._free else None
         return self._pool.submit(self._fill, int(b), slot).result()
 
-    def schedule(self, order: Sequence[int]) -> None:
-        """The blocks the coming epoch will ask for, in order; starts reading the first ones."""
+    def schedule(self, order: Sequence[int], *, then: Sequence[int] = ()) -> None:
+        """The blocks the coming epoch will ask for, in order; starts reading the first ones. ``then``: the
+        blocks the epoch after it starts with, read ahead once this one's last blocks are in use (so an
+        evaluation between epochs overlaps that read instead of the next epoch waiting for it)."""
         self._order = [int(b) for b in order]
+        self._then = [int(b) for b in then]
         self._pos = {b: i for i, b in enumerate(self._order)}
         self._cursor = 0
         self._window(self._order[: self.ahead + 1])
@@ -191,7 +195,7 @@ class BlockReader:
         else:
             p = None  # behind the schedule (an evaluation after the epoch, walking sorted rows)
         # scheduled: the schedule's next blocks; otherwise the following ones
-        upcoming = self._order[p + 1 : p + 1 + self.ahead] if p is not None else [
+        upcoming = (self._order + self._then)[p + 1 : p + 1 + self.ahead] if p is not None else [
             nb for nb in range(b + 1, b + 1 + self.ahead) if nb < self.n_blocks]
         self._window([b] + [nb for nb in upcoming if nb != b])
         return self._held[b][0].result()

@@ -113,6 +113,60 @@ def test_epoch_order_visits_every_train_row_once_block_by_block(tmp_path):
     assert feats.blocks.blocks_read - before <= touched + feats.blocks.ahead
 
 
+def test_batches_of_an_epoch_and_of_evaluation_hold_the_cached_rows(tmp_path):
+    # batches are gathered into reused buffers: each one, taken in the order the loop takes them (epoch
+    # batches block by block, straddling batches, resident val rows, unsorted rows), holds the right rows
+    reader = open_cache(sklearn_cache(tmp_path, "cancer"))
+    mem = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU)
+    feats = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,
+                          memory_budget_gb=_budget_gb(reader))
+    assert len(feats.resident_rows)  # the val rows are resident here, so both paths are taken
+    full = mem.arrays["pooled/mean"]
+    perm = feats.epoch_order(feats.rows("train"), torch.Generator().manual_seed(0))
+    val = feats.rows("val")
+    batches = [perm[i:i + 24] for i in range(0, len(perm), 24)] + [val[i:i + 50] for i in range(0, len(val), 50)]
+    batches += [val.flip(0)[:17], torch.cat([val[:5], perm[:5]]), perm[:0]]
+    for rows in batches:
+        got = feats.batch(["pooled/mean"], rows)["pooled/mean"]
+        assert got.dtype == torch.float32 and got.shape == (len(rows), full.shape[1])
+        torch.testing.assert_close(got, full.index_select(0, rows), rtol=0, atol=0)
+
+
+def test_the_next_epoch_order_is_drawn_ahead_without_changing_the_orders(tmp_path):
+    reader = open_cache(sklearn_cache(tmp_path, "cancer"))
+
+    def fresh():
+        return load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=CPU,
+                             memory_budget_gb=_budget_gb(reader))
+
+    feats = fresh()
+    train = feats.rows("train")
+    gen = torch.Generator().manual_seed(3)
+    orders = [feats.epoch_order(train, gen).clone() for _ in range(3)]
+    assert not torch.equal(orders[0], orders[1])
+    # the same seed gives the same sequence of orders on another set, and so does a new generator on the
+    # same set (a sweep's next head), which must not be handed the order drawn ahead for the previous one
+    other, gen2 = fresh(), torch.Generator().manual_seed(3)
+    again = [other.epoch_order(train, gen2) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(orders, again))
+    assert torch.equal(feats.epoch_order(train, torch.Generator().manual_seed(3)), orders[0])
+    # walking an epoch block by block leaves the next epoch's first block already read (or reading)
+    blocks = feats.blocks
+    perm = feats.epoch_order(train, gen2 := torch.Generator().manual_seed(5))
+    first_next = int(feats.drawn["next"][2][1][0])
+    for i in range(0, len(perm), 24):
+        feats.batch(["pooled/mean"], perm[i:i + 24])
+    assert first_next in blocks._held
+    blocks._held[first_next][0].result()
+    read = blocks.blocks_read
+    nxt = feats.epoch_order(train, gen2)
+    assert int(nxt[0]) // blocks.block_rows == first_next
+    feats.batch(["pooled/mean"], nxt[:8])
+    for fut, _ in blocks._held.values():
+        fut.result()
+    assert blocks.blocks_read - read <= blocks.ahead  # the read-ahead only: the first block was not read again
+
+
 def test_train_head_cli_streams_over_budget(tmp_path):
     from cli import main
 

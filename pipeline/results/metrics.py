@@ -38,14 +38,19 @@ def higher_is_better(metric: str) -> bool:
 
 
 def _flatten(task: "Task", y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-> (targets (m,) or (m, K), predictions (m, C|K)) over non-NaN targets."""
+    """-> (targets (m,) or (m, K), predictions (m, C|K)) over non-NaN targets.
+
+    Class probabilities keep their float dtype (every classification metric here ranks, argmaxes or logs
+    them: a float64 copy of a large split's probabilities only doubled the final evaluation's memory)."""
     y = np.asarray(y, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    last = pred.shape[-1]
+    last = np.shape(pred)[-1]
     if task.kind == "classify":
+        pred = np.asarray(pred)
+        pred = pred if pred.dtype in (np.float32, np.float64) else pred.astype(np.float64)
         y, pred = y.reshape(-1), pred.reshape(-1, last)
         keep = ~np.isnan(y)
-        return y[keep], pred[keep]
+        return (y, pred) if bool(keep.all()) else (y[keep], pred[keep])
+    pred = np.asarray(pred, dtype=np.float64)
     if task.per_object or y.ndim == 1:
         y = y.reshape(-1, 1)
     pred = pred.reshape(-1, last)
@@ -55,11 +60,12 @@ def _flatten(task: "Task", y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray,
 
 
 def _class_index(task: "Task", y: np.ndarray) -> np.ndarray:
+    """Index of each target in ``task.classes``; -1 for a value that is not one of them."""
     classes = np.asarray(task.classes, dtype=np.float64)
     idx = np.searchsorted(classes, y)
-    idx = np.clip(idx, 0, len(classes) - 1)
-    known = classes[idx] == y
-    return np.where(known, idx, -1)
+    np.clip(idx, 0, len(classes) - 1, out=idx)
+    idx[classes[idx] != y] = -1
+    return idx
 
 
 def classification_metrics(*, labels: np.ndarray, proba: np.ndarray, light: bool = False) -> dict[str, float]:
@@ -161,15 +167,21 @@ def compute(*, task: "Task", y: Any, pred: Any, light: bool = False) -> dict[str
     return regression_metrics(y=yf, pred=pf, light=light)
 
 
-def epoch_metrics(*, task: "Task", y: Any, pred: Any) -> dict[str, float]:
-    """The cheap subset logged at every evaluation (auroc + accuracy, or mse + mae + r2).
+def epoch_metrics(*, task: "Task", y: Any, pred: Any, count: bool = False) -> dict[str, float]:
+    """The cheap subset logged at every evaluation (auroc + accuracy, or mse + mae + r2); ``count`` adds
+    ``n``, the number of scored targets, as ``compute`` reports it.
 
     Same values as ``compute(..., light=True)`` (a test holds them equal) without scikit-learn's input
     validation, which cost more than the training steps between two evaluations of a small head:
-    AUROC is the Mann-Whitney statistic on average ranks (``scipy.stats.rankdata``), one-vs-rest macro
-    for several classes as scikit-learn computes it.
+    AUROC is the Mann-Whitney statistic (``_auroc``), one-vs-rest macro for several classes as
+    scikit-learn computes it.
     """
     yf, pf = _flatten(task, np.asarray(y), np.asarray(pred))
+    out = _epoch_metrics(task, yf, pf)
+    return {**out, "n": float(len(yf))} if count else out
+
+
+def _epoch_metrics(task: "Task", yf: np.ndarray, pf: np.ndarray) -> dict[str, float]:
     if task.kind != "classify":
         out: dict[str, float] = {}
         k = yf.shape[1]
@@ -194,12 +206,12 @@ def epoch_metrics(*, task: "Task", y: Any, pred: Any) -> dict[str, float]:
         return out
     labels = _class_index(task, yf)
     keep = labels >= 0
-    labels, proba = labels[keep], pf[keep]
+    labels, proba = (labels, pf) if bool(keep.all()) else (labels[keep], pf[keep])
     if len(labels) == 0:
         return {}
     c = proba.shape[1]
-    out = {"accuracy": float(np.mean(proba.argmax(axis=1) == labels))}
-    present = np.unique(labels)
+    out = {"accuracy": float(np.count_nonzero(proba.argmax(axis=1) == labels) / len(labels))}
+    present = np.flatnonzero(np.bincount(labels, minlength=c))
     if c == 2:
         out["auroc"] = _auroc(labels == 1, proba[:, 1]) if len(present) == 2 else math.nan
     elif len(present) == c:
@@ -211,14 +223,16 @@ def epoch_metrics(*, task: "Task", y: Any, pred: Any) -> dict[str, float]:
 
 
 def _auroc(positive: np.ndarray, score: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """The Mann-Whitney statistic: the share of (positive, negative) pairs the score orders right, ties
+    counting half; each positive is placed among the sorted negatives (exact integer counts; no rank
+    array the size of the split, and no scipy import for a per-epoch figure)."""
+    pos = score[positive]
+    neg = np.sort(score[~positive])
+    if len(pos) == 0 or len(neg) == 0:
         return math.nan
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    below = int(np.searchsorted(neg, pos, side="left").sum())
+    upto = int(np.searchsorted(neg, pos, side="right").sum())
+    return float((below + upto) / 2 / (len(pos) * len(neg)))
 
 
 def headline(metrics: dict[str, float]) -> str:

@@ -484,8 +484,7 @@ def evaluate(*, head: "Head", features: FeatureSet, target: str,
             pred = head.predict(features=features, rows=rows)
             y = features.targets[target].index_select(0, rows).cpu().numpy()
             if split in light:
-                yf, _ = M._flatten(head.task, np.asarray(y), np.asarray(pred))
-                metrics[split] = {**M.epoch_metrics(task=head.task, y=y, pred=pred), "n": float(len(yf))}
+                metrics[split] = M.epoch_metrics(task=head.task, y=y, pred=pred, count=True)
             else:
                 metrics[split] = M.compute(task=head.task, y=y, pred=pred)
             preds[split] = {"rows": rows.cpu().numpy(), "target": y, "prediction": pred}

@@ -15,7 +15,10 @@ Notable features:
   block comes next, so reading overlaps training;
 - features stay in storage dtype (float16) on the host and in transfer and become float32 on the
   device, batch by batch; on a CPU run the host is the device, so the prefetch thread widens whole
-  blocks (torch's cast, off the GIL) and batches are plain gathers, as in memory;
+  blocks (torch's cast, off the GIL) and batches are plain gathers into buffers reused batch after
+  batch (a fresh batch-sized tensor each step, mapped and faulted in, made an epoch 2x slower);
+- the next epoch's order is drawn while the current one starts, so its first block is read during the
+  last block and the evaluation between epochs instead of stalling the next epoch's first step;
 - the unit checksums are checked once when streaming starts, a block's worth at a time, not on every
   block read (``CacheReader.verify_arrays``);
 - LightGBM trains from a ``lightgbm.Sequence`` over the streamed rows (LightGBM samples rows for
@@ -27,7 +30,7 @@ Notable features:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -61,6 +64,11 @@ class StreamedFeatureSet(FeatureSet):
     resident: Any = None  # name -> Tensor (dense) or Ragged (compact) on the device, rows of ``resident_rows``
     resident_rows: Any = None  # np.ndarray int64, ascending: the rows ``resident`` holds, in its order
     budget: int = 0  # bytes: the memory budget this set was planned for
+    # np.ndarray bool (N,): which rows are resident (a train batch has none: one lookup, no search)
+    resident_mask: Any = None
+    # name -> float32 CPU tensor a batch is gathered into, reused batch after batch (see ``batch``)
+    scratch: dict = field(default_factory=dict)
+    drawn: dict = field(default_factory=dict)  # "next": the next epoch's order, drawn ahead (``epoch_order``)
 
     streamed = True
 
@@ -74,68 +82,117 @@ class StreamedFeatureSet(FeatureSet):
             for t in ((a,) if hasattr(a, "numel") else (a.values, a.index)):
                 resident += t.numel() * t.element_size()
         small = sum(t.numel() * t.element_size() for t in self.targets.values()) + self.split_codes.numel()
-        return resident + small + int(self.resident_rows.nbytes) + self.blocks.held_bytes()
+        return resident + small + int(self.resident_rows.nbytes) + int(self.resident_mask.nbytes) + \
+            self.blocks.held_bytes()
 
     def spare_bytes(self) -> int:
         """The budget left beside what this set holds (a head that gathers many rows at once checks it)."""
         return int(self.budget * (1 - WORKING_SHARE)) - self.nbytes()
 
     def batch(self, names: Iterable[str], rows: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """The batch contract of ``pipeline/heads/base.py``; on the CPU a dense array's batch is a view of a
+        buffer reused by the next call (the loop, predict and LightGBM's Sequence use each batch before asking
+        for the next): a fresh batch-sized tensor per step cost page faults that made a streamed epoch 2x an
+        in-memory one (freed buffers of this size go back to the system, see ``bound_allocator``)."""
         names = list(names)
         for n in names:
             self._array(n)  # TrainError naming the arrays that were loaded
         r = rows.detach().cpu().numpy().astype(np.int64, copy=False)
-        held = self.resident_rows
-        pos = np.minimum(np.searchsorted(held, r), max(0, len(held) - 1)) if len(held) else None
-        if self.resident and len(r) and pos is not None and bool((held[pos] == r).all()):
-            idx = torch.from_numpy(pos).to(self.device)
-            out: dict[str, Any] = {}
-            for n in names:
-                a = self.resident[n]
-                if hasattr(a, "index_select"):
-                    out[n] = _as_float(a.index_select(0, idx))
-                else:
-                    self._pad(out, n, a.select(idx))
-            return out
         if not len(r):
-            out = {}
-            for n in names:
-                spec = self.specs[n]
-                if spec.ragged is None:
-                    out[n] = torch.empty((0, *spec.inner_shape), device=self.device)
-                else:
-                    out[n] = torch.empty((0, 0, *spec.inner_shape), device=self.device)
-                    out[f"{spec.ragged}/mask"] = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
-            return out
+            return self._empty(names)
+        held = self.resident_rows
+        if self.resident and bool(self.resident_mask[r[0]]):
+            pos = np.searchsorted(held, r)
+            if bool((pos < len(held)).all()) and bool((held[np.minimum(pos, len(held) - 1)] == r).all()):
+                return self._resident_batch(names, pos)
         br = self.blocks.block_rows
         which = r // br
-        pos = self.blocks._pos
+        bpos = self.blocks._pos
         # blocks in the epoch's order (unscheduled ones, as in evaluation, ascending): asking for a later
         # block first would drop the earlier one from the read-ahead window and read it twice
-        blocks = [int(which[0])] if len(r) and int(which.min()) == int(which.max()) else \
-            sorted((int(b) for b in np.unique(which)), key=lambda b: (pos.get(b, len(pos) + b)))
-        pieces: dict[str, list[Any]] = {n: [] for n in names}
-        order = []
+        single = int(which.min()) == int(which.max())
+        blocks = [int(which[0])] if single else \
+            sorted((int(b) for b in np.unique(which)), key=lambda b: (bpos.get(b, len(bpos) + b)))
+        out: dict[str, Any] = {}
+        ragged: dict[str, list[Any]] = {}
+        sels = []
         for b in blocks:  # each block's rows are copied out before the next get (see cache.blocks)
-            sel = np.flatnonzero(which == b) if len(blocks) > 1 else np.arange(len(r))
-            order.append(sel)
+            sel = None if single else np.flatnonzero(which == b)
+            sels.append(sel)
             block = self.blocks.get(b)
-            local = torch.from_numpy(r[sel] - b * br)
+            local = torch.from_numpy((r if sel is None else r[sel]) - b * br)
             for n in names:
                 a = block[n]
                 if isinstance(a, tuple):
-                    pieces[n].append(_ragged(*a).select(local))
+                    ragged.setdefault(n, []).append(_ragged(*a).select(local))
+                elif single:
+                    out[n] = self._gathered(n, a, local)
                 else:
-                    pieces[n].append(a.index_select(0, local))
-        out = {}
-        inv = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")) if len(blocks) > 1 else None
+                    if n not in out:
+                        wide = torch.float32 if a.is_floating_point() and self.device.type == "cpu" else a.dtype
+                        out[n] = self._buffer(n, (len(r), *a.shape[1:]), wide)
+                    out[n].index_copy_(0, torch.from_numpy(sel), a.index_select(0, local).to(out[n].dtype))
+        if not single:
+            for n in list(out):
+                out[n] = self._on_device(out[n])
+        if ragged:
+            inv = None if single else torch.from_numpy(np.argsort(np.concatenate(sels), kind="stable"))
+            for n, parts in ragged.items():
+                self._pad(out, n, parts[0] if inv is None else _cat_ragged(parts).select(inv))
+        return {n: out[n] for n in names} | {k: v for k, v in out.items() if k not in names}
+
+    def _resident_batch(self, names: list[str], pos: np.ndarray) -> dict[str, "torch.Tensor"]:
+        """Rows at positions ``pos`` of the resident arrays (a contiguous run, as in evaluation, is sliced)."""
+        m = len(pos)
+        run = int(pos[-1]) - int(pos[0]) == m - 1 and bool((np.diff(pos) == 1).all())
+        idx = None if run else torch.from_numpy(pos).to(self.device)
+        out: dict[str, Any] = {}
         for n in names:
-            if isinstance(pieces[n][0], torch.Tensor):
-                t = pieces[n][0] if inv is None else torch.cat(pieces[n]).index_select(0, inv)
-                out[n] = _as_float(t.to(self.device))
+            a = self.resident[n]
+            if hasattr(a, "index_select"):
+                out[n] = self._gathered(n, a[int(pos[0]) : int(pos[0]) + m] if run else a, idx)
             else:
-                g = pieces[n][0] if len(blocks) == 1 else _cat_ragged(pieces[n]).select(inv)
-                self._pad(out, n, g)
+                self._pad(out, n, a.select(idx if idx is not None else torch.from_numpy(pos).to(self.device)))
+        return out
+
+    def _gathered(self, name: str, a: "torch.Tensor", idx: "torch.Tensor | None") -> "torch.Tensor":
+        """``a[idx]`` (``a`` when idx is None) as the batch of ``name``: float32 on the device."""
+        if self.device.type != "cpu":
+            return _as_float((a if idx is None else a.index_select(0, idx)).to(self.device))
+        m = len(a) if idx is None else len(idx)
+        wide = torch.float32 if a.is_floating_point() else a.dtype
+        buf = self._buffer(name, (m, *a.shape[1:]), wide)
+        if idx is None:
+            buf.copy_(a)
+        elif a.dtype == wide:
+            torch.index_select(a, 0, idx, out=buf)
+        else:
+            buf.copy_(a.index_select(0, idx))
+        return buf
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
+        """A reused tensor of ``shape`` for ``name``'s batches (grown to the largest batch asked for)."""
+        if self.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype)
+        buf = self.scratch.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            with torch.inference_mode(False):  # an evaluation's buffer is written by later training steps too
+                buf = torch.empty(shape, dtype=dtype)
+            self.scratch[name] = buf
+        return buf[: shape[0]]
+
+    def _on_device(self, t: "torch.Tensor") -> "torch.Tensor":
+        return t if self.device.type == "cpu" else _as_float(t.to(self.device))
+
+    def _empty(self, names: list[str]) -> dict[str, "torch.Tensor"]:
+        out = {}
+        for n in names:
+            spec = self.specs[n]
+            if spec.ragged is None:
+                out[n] = torch.empty((0, *spec.inner_shape), device=self.device)
+            else:
+                out[n] = torch.empty((0, 0, *spec.inner_shape), device=self.device)
+                out[f"{spec.ragged}/mask"] = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
         return out
 
     def _pad(self, out: dict[str, Any], name: str, compact: Any) -> None:
@@ -148,19 +205,40 @@ class StreamedFeatureSet(FeatureSet):
         out[name], out[f"{spec.ragged}/mask"] = r.padded(fill=float(spec.fill))
 
     def epoch_order(self, train_rows: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
-        """A permutation of ``train_rows``: blocks in a shuffled order, rows shuffled within each block."""
-        r = np.sort(train_rows.detach().cpu().numpy().astype(np.int64, copy=False))
-        which = r // self.blocks.block_rows
-        uniq, starts = np.unique(which, return_index=True)
-        bounds = list(starts) + [len(r)]
-        order = torch.randperm(len(uniq), generator=gen).numpy()
-        parts = []
-        for i in order:
-            seg = r[bounds[i] : bounds[i + 1]]
-            parts.append(seg[torch.randperm(len(seg), generator=gen).numpy()])
-        self.blocks.schedule([int(uniq[i]) for i in order])
-        perm = np.concatenate(parts) if parts else r
-        return torch.from_numpy(perm).to(self.device)
+        """A permutation of ``train_rows``: blocks in a shuffled order, rows shuffled within each block.
+
+        The next epoch's order is drawn now too (from ``gen``, so the sequence of orders is the same) and
+        its first blocks are read ahead while this epoch ends and its evaluation runs. Per-sample memory:
+        the two orders (the sorted rows and their block bounds are kept from the first call)."""
+        known = self.drawn.get("rows")
+        if known is None or known[0] is not train_rows:
+            r = train_rows.detach().cpu().numpy().astype(np.int64, copy=False)
+            if len(r) > 1 and not bool((r[1:] >= r[:-1]).all()):
+                r = np.sort(r)
+            which = r // self.blocks.block_rows
+            cuts = np.flatnonzero(which[1:] != which[:-1]) + 1 if len(r) else np.zeros(0, np.int64)
+            bounds = np.concatenate([[0], cuts, [len(r)]]).astype(np.int64)
+            uniq = which[bounds[:-1]] if len(r) else np.zeros(0, np.int64)
+            known = self.drawn["rows"] = (train_rows, r, uniq, bounds)
+        _, r, uniq, bounds = known
+
+        def draw() -> tuple[np.ndarray, list[int]]:
+            order = torch.randperm(len(uniq), generator=gen).numpy()
+            perm, at = np.empty(len(r), dtype=np.int64), 0
+            for i in order:
+                seg = r[bounds[i] : bounds[i + 1]]
+                perm[at : at + len(seg)] = seg[torch.randperm(len(seg), generator=gen).numpy()]
+                at += len(seg)
+            return perm, [int(uniq[i]) for i in order]
+
+        drawn = self.drawn.pop("next", None)
+        # the order drawn ahead is this epoch's only for the same generator and rows (a sweep's next head
+        # brings its own generator); holding both keeps their identities from being reused
+        this = drawn[2] if drawn is not None and drawn[0] is gen and drawn[1] is train_rows else draw()
+        following = draw()
+        self.drawn["next"] = (gen, train_rows, following)
+        self.blocks.schedule(this[1], then=following[1][: self.blocks.ahead])
+        return torch.from_numpy(this[0]).to(self.device)
 
     def lgb_sequence(self, names: Iterable[str], rows: "torch.Tensor") -> Any:
         """``rows`` of ``names`` as a ``lightgbm.Sequence`` (row order kept; read in whole blocks)."""
@@ -290,8 +368,9 @@ def streamed_features(*, cache: Any, arrays: list[str], target_names: list[str],
     loaded = cache.load(target_names, device=device, dtype=torch.float32)
     targets = {n.split("/", 1)[1]: loaded[n].float() for n in target_names}
     codes = torch.as_tensor(np.asarray(cache.split_codes, dtype=np.uint8)).to(device)
-    # not counted, as in memory: the loop's per-sample bookkeeping (row lists, epoch permutations,
-    # predictions; ~100 B a sample at its peak, measured on 400k samples), like the interpreter itself
+    # not counted, as in memory: the loop's per-sample bookkeeping (row lists, two epoch orders, the final
+    # predictions and metrics; about 60 B a sample at its peak, measured on 400k samples by
+    # benchmarks/streaming.py, whose peak RSS over the base stays under the budget with it)
     fixed = sum(t.numel() * t.element_size() for t in targets.values()) + codes.numel()
     widen = torch.device(device).type == "cpu"
     names = tuple(cache.split_names)
@@ -322,11 +401,14 @@ def streamed_features(*, cache: Any, arrays: list[str], target_names: list[str],
     if resident_plan is not None:
         resident = _gather_resident(blocks, arrays, sel, device=device, wide=resident_plan[0])
         resident_rows = sel.astype(np.int64)
+    resident_mask = np.zeros(int(cache.n_samples), dtype=bool)
+    resident_mask[resident_rows] = True
     feats = StreamedFeatureSet(
         arrays={a: StreamedArray(shape=tuple(cache.shape(a)), dtype=specs[a].dtype) for a in arrays},
         targets=targets, split_codes=codes, split_names=names, specs=specs, device=device,
         available=tuple(sorted(specs)), cache_key=str(cache.key), cache_path=str(cache.path),
         blocks=blocks, resident=resident, resident_rows=resident_rows, budget=int(budget),
+        resident_mask=resident_mask,
     )
     log.info("the arrays %s take %.3f GB, over the %.3f GB memory budget: streaming them in blocks of %d rows "
              "(%.1f MB a slot, read-ahead %d)%s; holding %.3f GB", arrays, need / 1e9, budget / 1e9,
@@ -387,7 +469,8 @@ def bound_allocator() -> None:
     glibc raises its mmap threshold to the size of each large block it frees (up to 32 MB), after
     which buffers of a few MB come from the heap and stay in the process after they are freed:
     measured +25 MB of resident memory over a streamed fit whose data is 41 MB. Pinning the threshold
-    keeps allocations of 256 kB and more in mmap, returned on free."""
+    keeps allocations of 256 kB and more in mmap, returned on free; what is allocated every step (the
+    batch) is a reused buffer, so the mmap and its page faults are paid once, not per step."""
     import ctypes
     import ctypes.util
     import sys
