@@ -127,8 +127,13 @@ def test_batches_of_an_epoch_and_of_evaluation_hold_the_cached_rows(tmp_path):
     batches = [perm[i:i + 24] for i in range(0, len(perm), 24)] + [val[i:i + 50] for i in range(0, len(val), 50)]
     batches += [val.flip(0)[:17], torch.cat([val[:5], perm[:5]]), perm[:0]]
     for rows in batches:
-        got = feats.batch(["pooled/mean"], rows)["pooled/mean"]
+        got = feats.batch(["pooled/mean"], rows, scratch=True)["pooled/mean"]
         assert got.dtype == torch.float32 and got.shape == (len(rows), full.shape[1])
+        torch.testing.assert_close(got, full.index_select(0, rows), rtol=0, atol=0)
+    # without scratch (the default: a full-batch probe gathers its train matrix, then its val matrix) every
+    # batch is its own tensor, still intact after the next gathers
+    kept = [(rows, feats.batch(["pooled/mean"], rows)["pooled/mean"]) for rows in batches]
+    for rows, got in kept:
         torch.testing.assert_close(got, full.index_select(0, rows), rtol=0, atol=0)
 
 

@@ -169,7 +169,7 @@ class TorchHead:
         outs = []
         with torch.inference_mode():
             for i in range(0, len(rows), batch_size):
-                outs.append(self.module(features.batch(self.inputs, rows[i:i + batch_size])).float())
+                outs.append(self.module(features.batch(self.inputs, rows[i:i + batch_size], scratch=True)).float())
         if not outs:
             raise TrainError("no rows to predict")
         return torch.cat(outs)

@@ -95,8 +95,10 @@ class FeatureSet:
             out[n] = tuple(int(d) for d in t.shape[1:])
         return out
 
-    def batch(self, names: Iterable[str], rows: "torch.Tensor") -> dict[str, "torch.Tensor"]:
-        """The batch contract of ``pipeline/heads/base.py``: dense slices; ragged padded + ``<group>/mask``."""
+    def batch(self, names: Iterable[str], rows: "torch.Tensor", *, scratch: bool = False) -> dict[str, "torch.Tensor"]:
+        """The batch contract of ``pipeline/heads/base.py``: dense slices; ragged padded + ``<group>/mask``.
+        ``scratch``: the caller is done with this batch before it asks for the next one, so a streamed set
+        may hand out a reused buffer (here every batch is a new tensor either way)."""
         out: dict[str, Any] = {}
         for n in names:
             a = self._array(n)
@@ -400,7 +402,7 @@ def loop_parts(*, task: "Task", features: FeatureSet, target: str, inputs: tuple
         pred = task.decode(out).cpu().numpy()
         return {f"val_{k}": v for k, v in M.epoch_metrics(task=task, y=y_val_raw, pred=pred).items()}
 
-    data = L.StepData(batch_fn=functools.partial(features.batch, inputs), targets=y_all, train_rows=train_rows,
+    data = L.StepData(batch_fn=functools.partial(features.batch, inputs, scratch=True), targets=y_all, train_rows=train_rows,
                       val_rows=val_rows, loss_fn=functools.partial(task.loss_fn, masked=train_masked),
                       val_loss_fn=functools.partial(task.loss_fn, masked=val_masked), metrics_fn=metrics_fn,
                       epoch_order=getattr(features, "epoch_order", None))

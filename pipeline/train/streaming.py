@@ -89,11 +89,11 @@ class StreamedFeatureSet(FeatureSet):
         """The budget left beside what this set holds (a head that gathers many rows at once checks it)."""
         return int(self.budget * (1 - WORKING_SHARE)) - self.nbytes()
 
-    def batch(self, names: Iterable[str], rows: "torch.Tensor") -> dict[str, "torch.Tensor"]:
-        """The batch contract of ``pipeline/heads/base.py``; on the CPU a dense array's batch is a view of a
-        buffer reused by the next call (the loop, predict and LightGBM's Sequence use each batch before asking
-        for the next): a fresh batch-sized tensor per step cost page faults that made a streamed epoch 2x an
-        in-memory one (freed buffers of this size go back to the system, see ``bound_allocator``)."""
+    def batch(self, names: Iterable[str], rows: "torch.Tensor", *, scratch: bool = False) -> dict[str, "torch.Tensor"]:
+        """The batch contract of ``pipeline/heads/base.py``. ``scratch``: on the CPU a dense array's batch may
+        be a view of a buffer the next ``scratch`` call overwrites (the loop and predict use each batch before
+        asking for the next): a fresh batch-sized tensor per step cost page faults that made a streamed
+        epoch 2x an in-memory one (freed buffers of this size go back to the system, see ``bound_allocator``)."""
         names = list(names)
         for n in names:
             self._array(n)  # TrainError naming the arrays that were loaded
@@ -104,7 +104,7 @@ class StreamedFeatureSet(FeatureSet):
         if self.resident and bool(self.resident_mask[r[0]]):
             pos = np.searchsorted(held, r)
             if bool((pos < len(held)).all()) and bool((held[np.minimum(pos, len(held) - 1)] == r).all()):
-                return self._resident_batch(names, pos)
+                return self._resident_batch(names, pos, scratch=scratch)
         br = self.blocks.block_rows
         which = r // br
         bpos = self.blocks._pos
@@ -126,11 +126,11 @@ class StreamedFeatureSet(FeatureSet):
                 if isinstance(a, tuple):
                     ragged.setdefault(n, []).append(_ragged(*a).select(local))
                 elif single:
-                    out[n] = self._gathered(n, a, local)
+                    out[n] = self._gathered(n, a, local, scratch=scratch)
                 else:
                     if n not in out:
                         wide = torch.float32 if a.is_floating_point() and self.device.type == "cpu" else a.dtype
-                        out[n] = self._buffer(n, (len(r), *a.shape[1:]), wide)
+                        out[n] = self._buffer(n, (len(r), *a.shape[1:]), wide, scratch=scratch)
                     out[n].index_copy_(0, torch.from_numpy(sel), a.index_select(0, local).to(out[n].dtype))
         if not single:
             for n in list(out):
@@ -141,7 +141,7 @@ class StreamedFeatureSet(FeatureSet):
                 self._pad(out, n, parts[0] if inv is None else _cat_ragged(parts).select(inv))
         return {n: out[n] for n in names} | {k: v for k, v in out.items() if k not in names}
 
-    def _resident_batch(self, names: list[str], pos: np.ndarray) -> dict[str, "torch.Tensor"]:
+    def _resident_batch(self, names: list[str], pos: np.ndarray, *, scratch: bool) -> dict[str, "torch.Tensor"]:
         """Rows at positions ``pos`` of the resident arrays (a contiguous run, as in evaluation, is sliced)."""
         m = len(pos)
         run = int(pos[-1]) - int(pos[0]) == m - 1 and bool((np.diff(pos) == 1).all())
@@ -150,18 +150,19 @@ class StreamedFeatureSet(FeatureSet):
         for n in names:
             a = self.resident[n]
             if hasattr(a, "index_select"):
-                out[n] = self._gathered(n, a[int(pos[0]) : int(pos[0]) + m] if run else a, idx)
+                out[n] = self._gathered(n, a[int(pos[0]) : int(pos[0]) + m] if run else a, idx, scratch=scratch)
             else:
                 self._pad(out, n, a.select(idx if idx is not None else torch.from_numpy(pos).to(self.device)))
         return out
 
-    def _gathered(self, name: str, a: "torch.Tensor", idx: "torch.Tensor | None") -> "torch.Tensor":
+    def _gathered(self, name: str, a: "torch.Tensor", idx: "torch.Tensor | None", *,
+                  scratch: bool) -> "torch.Tensor":
         """``a[idx]`` (``a`` when idx is None) as the batch of ``name``: float32 on the device."""
         if self.device.type != "cpu":
             return _as_float((a if idx is None else a.index_select(0, idx)).to(self.device))
         m = len(a) if idx is None else len(idx)
         wide = torch.float32 if a.is_floating_point() else a.dtype
-        buf = self._buffer(name, (m, *a.shape[1:]), wide)
+        buf = self._buffer(name, (m, *a.shape[1:]), wide, scratch=scratch)
         if idx is None:
             buf.copy_(a)
         elif a.dtype == wide:
@@ -170,9 +171,10 @@ class StreamedFeatureSet(FeatureSet):
             buf.copy_(a.index_select(0, idx))
         return buf
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
-        """A reused tensor of ``shape`` for ``name``'s batches (grown to the largest batch asked for)."""
-        if self.device.type != "cpu":
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: "torch.dtype", *, scratch: bool) -> "torch.Tensor":
+        """A tensor of ``shape`` for ``name``'s batch: with ``scratch`` on the CPU, the one reused for every
+        scratch batch of ``name`` (grown to the largest asked for); else a new one."""
+        if self.device.type != "cpu" or not scratch:
             return torch.empty(shape, dtype=dtype)
         buf = self.scratch.get(name)
         if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
@@ -306,7 +308,7 @@ def _make_sequence(features: StreamedFeatureSet, names: list[str], rows: np.ndar
         def __getitem__(self, idx: Any) -> np.ndarray:
             single = isinstance(idx, (int, np.integer))
             sel = rows[[idx]] if single else rows[idx]
-            b = features.batch(names, torch.from_numpy(np.asarray(sel, dtype=np.int64)))
+            b = features.batch(names, torch.from_numpy(np.asarray(sel, dtype=np.int64)), scratch=True)
             # LightGBM wants float64 rows from a Sequence; float16 values are exact in it
             x = np.concatenate([b[n].double().reshape(len(sel), -1).cpu().numpy() for n in names], axis=1)
             return x[0] if single else x
