@@ -122,7 +122,9 @@ class TrainConfig:
     # Budget (pipeline.train.loop): max_steps optimiser steps if given, else epochs x steps per epoch
     # (evaluated once per epoch, as before the step budget), else an automatic budget scaled to the data.
     epochs: int | None = None
-    lr: float = 1e-3  # AdamW peak learning rate
+    # AdamW peak learning rate; None = the head family's (HeadFamily.lr), filled in by __post_init__, so a
+    # TrainConfig always holds a float (the type says so)
+    lr: float = None  # type: ignore[assignment]
     weight_decay: float = 1e-2
     batch_size: int = 256
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to lr * 1e-3
@@ -139,6 +141,10 @@ class TrainConfig:
         for name in ("epochs", "max_steps", "eval_every"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        if self.lr is None:  # the resolved config (saved with every run) names the lr that trained it
+            from pipeline.registry import HEADS
+
+            object.__setattr__(self, "lr", float(HEADS.get(self.arch).lr))
         _check_positive("lr", self.lr)
         _check_positive("batch_size", self.batch_size)
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)

@@ -57,11 +57,25 @@ def test_unknown_key_is_an_error(tmp_path: Path):
         cfg.load(cfg.TrainConfig, yaml_path=bad)
 
 
+def test_lr_defaults_to_the_head_familys_and_is_recorded_resolved(tmp_path: Path):
+    from pipeline.registry import HEADS
+
+    for name in HEADS.names():
+        assert cfg.TrainConfig(arch=name).lr == HEADS.get(name).lr
+    assert HEADS.get("mlp2").lr != HEADS.get("attn-pool").lr  # measured per family, not one global value
+    assert cfg.TrainConfig(arch="mlp2", lr=1e-4).lr == 1e-4
+    y = tmp_path / "c.yaml"
+    y.write_text("arch: mlp2\n")
+    c = cfg.load_train_config(yaml_path=y)
+    assert cfg.to_dict(c)["lr"] == HEADS.get("mlp2").lr  # the saved config names the lr that trained it
+    assert cfg.load_train_config(yaml_path=y, sets=["lr=2e-4"]).lr == 2e-4
+
+
 def test_precedence_defaults_yaml_cli(tmp_path: Path):
     y = tmp_path / "h.yaml"
     y.write_text("arch: mlp3\nlr: 1e-2\nepochs: 7\n")
     c = cfg.load(cfg.TrainConfig, yaml_path=y, overrides={"epochs": 3, "lr": None})
-    assert (c.arch, c.lr, c.epochs, c.batch_size) == ("mlp3", 0.01, 3, cfg.TrainConfig(arch="x").batch_size)
+    assert (c.arch, c.lr, c.epochs, c.batch_size) == ("mlp3", 0.01, 3, cfg.TrainConfig(arch="mlp3").batch_size)
 
 
 def test_relative_data_path_is_relative_to_the_yaml(tmp_path: Path):

@@ -91,6 +91,9 @@ HeadBuilder = Callable[..., Head]  # (*, params, shapes: dict[str, tuple[int, ..
 InputsFn = Callable[[Mapping[str, Any], tuple[str, ...]], tuple[str, ...]]  # (params, available) -> arrays
 
 
+DEFAULT_LR = 1e-3  # a head family's default AdamW lr unless it registers a measured one
+
+
 @dataclass(frozen=True)
 class HeadFamily:
     """What ``HEADS.get(name)`` returns."""
@@ -102,6 +105,8 @@ class HeadFamily:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # every network param with its default
     per_object: bool = False  # targets (N, Q) and outputs (B, Q, n_outputs)
     kind: str = "torch"  # torch (trained by pipeline.train.loop via train.train_module) | external (fits itself)
+    # AdamW peak learning rate a TrainConfig without one gets (measured per family: benchmarks/lr_defaults.py)
+    lr: float = DEFAULT_LR
     # Params the conformance test uses on its tiny synthetic cache (e.g. fewer trees, smaller hidden);
     # the test builds that cache from `inputs(...)`, so a new family is covered when it registers.
     test_params: Mapping[str, Any] = field(default_factory=dict)
@@ -195,7 +200,7 @@ class TorchHead:
 
 def torch_head(name: str, *, tasks: tuple[str, ...] = TASK_KINDS, inputs: InputsFn = pooled_inputs,
                defaults: Mapping[str, Any] | None = None, per_object: bool = False,
-               test_params: Mapping[str, Any] | None = None) -> Callable:
+               test_params: Mapping[str, Any] | None = None, lr: float = DEFAULT_LR) -> Callable:
     """Register ``build(*, params, shapes, n_outputs) -> nn.Module`` as a torch head family.
 
     ``shapes`` maps each input array to its per-row inner shape (``pooled/mean`` -> ``(D,)``,
@@ -209,7 +214,7 @@ def torch_head(name: str, *, tasks: tuple[str, ...] = TASK_KINDS, inputs: Inputs
 
         register_head(name)(HeadFamily(name=name, tasks=tuple(tasks), inputs=inputs, build=build,
                                        defaults=dict(defaults or {}), per_object=per_object, kind="torch",
-                                       test_params=dict(test_params or {})))
+                                       test_params=dict(test_params or {}), lr=float(lr)))
         return build_module
 
     return decorate

@@ -19,6 +19,11 @@ from pipeline.errors import ConfigError
 from pipeline.heads.base import torch_head
 
 NORMS = ("batch", "layer", "none")
+# AdamW peak lr of mlp / mlp2 / mlp3 (benchmarks/lr_defaults.py, README "Training budget and convergence"):
+# over 3e-4 ... 1e-2 on four scikit-learn sets and 10k / 100k-row synthetic ones, 3e-3 converged everywhere and
+# was never more than 4.4 points from the best lr; 1e-3 fell up to 8.4 points behind (and did not converge on
+# wine), 1e-2 up to 6.3
+MLP_LR = 3e-3
 ACTIVATIONS = tuple(blocks.ACTIVATIONS)
 
 
@@ -72,7 +77,7 @@ def _hidden_list(params: Mapping[str, Any], d: int) -> list[int]:
 
 
 @torch_head("mlp2", defaults={"features": None, "hidden": None, "dropout": 0.1},
-            test_params={"hidden": 16})
+            test_params={"hidden": 16}, lr=MLP_LR)
 def build_mlp2(*, params: dict, shapes: dict, n_outputs: int) -> Any:
     d = pooled_dim(shapes)
     hidden = int(params["hidden"]) if params["hidden"] is not None else max(1, d // 2)
@@ -81,7 +86,7 @@ def build_mlp2(*, params: dict, shapes: dict, n_outputs: int) -> Any:
 
 
 @torch_head("mlp3", defaults={"features": None, "hidden": None, "dropout": 0.1},
-            test_params={"hidden": 16})
+            test_params={"hidden": 16}, lr=MLP_LR)
 def build_mlp3(*, params: dict, shapes: dict, n_outputs: int) -> Any:
     d = pooled_dim(shapes)
     h = int(params["hidden"]) if params["hidden"] is not None else d
@@ -91,7 +96,7 @@ def build_mlp3(*, params: dict, shapes: dict, n_outputs: int) -> Any:
 
 @torch_head("mlp", defaults={"features": None, "hidden": None, "layers": None, "dropout": 0.1, "norm": "batch",
                              "activation": "relu", "init": "xavier"},
-            test_params={"hidden": [16, 16], "norm": "layer", "activation": "gelu"})
+            test_params={"hidden": [16, 16], "norm": "layer", "activation": "gelu"}, lr=MLP_LR)
 def build_mlp(*, params: dict, shapes: dict, n_outputs: int) -> Any:
     d = pooled_dim(shapes)
     return pooled_net(inputs=list(shapes), net=make_mlp(

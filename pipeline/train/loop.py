@@ -23,7 +23,7 @@ Budget (``Budget``, resolved by ``budget_for`` from a ``TrainConfig`` and the da
 - else ``epochs`` given: ``epochs x steps_per_epoch`` steps, evaluated once per epoch (the historic
   meaning of ``--epochs``: with it, runs are step for step what they were before the step budget);
 - else (the default) ``AUTO_EPOCHS`` epochs' worth of steps, clamped to
-  ``[AUTO_MIN_STEPS, AUTO_MAX_STEPS]`` (2,000 ... 20,000): a few hundred rows get ~2,000 steps (hundreds of epochs), a
+  ``[AUTO_MIN_STEPS, AUTO_MAX_STEPS]`` (4,000 ... 20,000): a few hundred rows get ~4,000 steps (thousands of epochs), a
   few million rows ~1 epoch (20,000 steps of 256 rows). The plateau rule stops most runs well before.
 - ``eval_every`` (auto and max_steps budgets): one epoch, but at least ``max_steps / 100`` steps (on
   tiny data an epoch is 1-2 steps and ``patience`` such evaluations are noise, not a plateau), at most
@@ -47,8 +47,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 AUTO_EPOCHS = 100  # auto budget: this many epochs' worth of steps ...
-AUTO_MIN_STEPS = 2000  # ... but at least this many (tiny data: hundreds of epochs; 1,000 left mlp2 on digits
-#                         still improving at lr 1e-3) ...
+AUTO_MIN_STEPS = 4000  # ... but at least this many (tiny data: thousands of epochs; 1,000 left mlp2 on digits
+#                         still improving at lr 1e-3, 2,000 left mlp3 on wine still improving at 3e-3) ...
 AUTO_MAX_STEPS = 20000  # ... and at most this many (millions of rows: ~1 epoch)
 AUTO_EVALS = 100  # auto / max_steps budget: evaluate at most this many times (tiny data: not every 1-2 steps)
 AUTO_MAX_EVALS = 50  # ... and at least this many times (millions of rows: not once per 10k-step epoch)

@@ -115,10 +115,11 @@ class StreamedFeatureSet(FeatureSet):
             sorted((int(b) for b in np.unique(which)), key=lambda b: (bpos.get(b, len(bpos) + b)))
         out: dict[str, Any] = {}
         ragged: dict[str, list[Any]] = {}
-        sels = []
+        sels: list[np.ndarray] = []
         for b in blocks:  # each block's rows are copied out before the next get (see cache.blocks)
             sel = None if single else np.flatnonzero(which == b)
-            sels.append(sel)
+            if sel is not None:
+                sels.append(sel)
             block = self.blocks.get(b)
             local = torch.from_numpy((r if sel is None else r[sel]) - b * br)
             for n in names:
