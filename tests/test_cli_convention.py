@@ -74,6 +74,9 @@ def test_json_of_cheap_commands_parses(cache, tmp_path):
     assert lgbm["trainer"] is False and lgbm["params"]["num_leaves"] == 31 and lgbm["tasks"] == ["classify", "regress"]
     mlp2 = next(h for h in heads if h["name"] == "mlp2")
     assert mlp2["trainer"] is True and mlp2["inputs"].startswith("pooled/mean") and "dropout" in mlp2["params"]
+    from pipeline.config import TrainConfig  # the listed lr is the one a run without --lr gets
+
+    assert mlp2["lr"] == TrainConfig(arch="mlp2").lr and lgbm["lr"] is None
     assert "maskformer" in _obj(["list", "backbones", "--json"])["backbones"]
     made = _obj(["make-data", "tracks", "--out", str(tmp_path / "t.parquet"), "--n", "20", "--json"])
     assert Path(made["path"]).is_file()
