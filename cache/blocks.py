@@ -9,10 +9,11 @@ Notable features:
   thread widens them into the slot (torch's vectorised cast, which releases the GIL: it overlaps
   training; numpy's float16 cast measured 30x slower);
 - ``schedule(order, then=...)`` tells the reader the epoch's block order (and the next epoch's first
-  blocks); ``get(b)`` returns block ``b`` and keeps the next ``ahead`` blocks of the schedule in flight on a single prefetch thread
-  (``concurrent.futures``); exactly ``ahead + 1`` slots of preallocated buffers exist and are reused
-  block after block, plus one storage-dtype staging buffer when widening, so memory is fixed at
-  ``held_bytes()`` whatever the cache size (no per-block allocation for the allocator to fragment);
+  blocks); ``get(b)`` returns block ``b`` and keeps the next ``ahead`` blocks of the schedule in flight
+  on a single prefetch thread (``concurrent.futures``); exactly ``ahead + 1`` slots of preallocated
+  buffers exist and are reused block after block, plus one storage-dtype staging buffer when widening,
+  so memory is fixed at ``held_bytes()`` whatever the cache size (no per-block allocation for the
+  allocator to fragment);
 - the arrays' unit checksums are checked once up front, a piece at a time (``CacheReader.verify_arrays``),
   instead of re-reading and hashing a whole unit around every block.
 

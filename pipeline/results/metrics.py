@@ -169,7 +169,7 @@ def compute(*, task: "Task", y: Any, pred: Any, light: bool = False) -> dict[str
 
 def epoch_metrics(*, task: "Task", y: Any, pred: Any, count: bool = False) -> dict[str, float]:
     """The cheap subset logged at every evaluation (auroc + accuracy, or mse + mae + r2); ``count`` adds
-    ``n``, the number of scored targets, as ``compute`` reports it.
+    ``n``, the number of non-missing targets.
 
     Same values as ``compute(..., light=True)`` (a test holds them equal) without scikit-learn's input
     validation, which cost more than the training steps between two evaluations of a small head:

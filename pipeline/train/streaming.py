@@ -140,7 +140,7 @@ class StreamedFeatureSet(FeatureSet):
             inv = None if single else torch.from_numpy(np.argsort(np.concatenate(sels), kind="stable"))
             for n, parts in ragged.items():
                 self._pad(out, n, parts[0] if inv is None else _cat_ragged(parts).select(inv))
-        return {n: out[n] for n in names} | {k: v for k, v in out.items() if k not in names}
+        return out
 
     def _resident_batch(self, names: list[str], pos: np.ndarray, *, scratch: bool) -> dict[str, "torch.Tensor"]:
         """Rows at positions ``pos`` of the resident arrays (a contiguous run, as in evaluation, is sliced)."""
