@@ -162,3 +162,52 @@ def test_bad_object_stores_are_one_line(tmp_path, s3, monkeypatch):
         fresh_clients()
     assert code == 2 and out.count("\n") == 1, out
     assert "cannot be used" in out and "AWS_ENDPOINT_URL" in out
+
+
+def test_a_head_streams_from_an_s3_cache_over_the_memory_budget(s3):
+    # the big caches are the ones on object storage: blocks read through zarr from the server (no local
+    # chunk files), checksums checked once, the same rows and the same quality as the cache loaded whole
+    import torch
+    from sklearn import datasets
+    from sklearn.preprocessing import StandardScaler
+
+    from cache.key import make_key
+    from cache.reader import open_cache
+    from cache.schema import ArraySpec, CacheSchema
+    from cache.writer import CacheWriter, create_cache
+    from pipeline.config import TrainConfig
+    from pipeline.train.fit import fit, load_features
+    from pipeline.train.streaming import StreamedFeatureSet
+
+    x, y = datasets.load_breast_cancer(return_X_y=True)
+    x = StandardScaler().fit_transform(x)
+    n, d = x.shape
+    split = np.random.default_rng(0).choice(3, size=n, p=[0.6, 0.2, 0.2]).astype(np.uint8)
+    schema = CacheSchema(n_samples=n, arrays=(
+        ArraySpec("sample_id", "int64"), ArraySpec("split", "uint8"),
+        ArraySpec("targets/y", "float32", fill=float("nan")), ArraySpec("pooled/mean", "float16", (d,))),
+        ragged_lengths={})
+    record = {"test": "s3-streaming"}
+    path = create_cache(root="s3://ftpipe-test/stream", key=make_key(record), key_record=record, schema=schema,
+                        attrs={"backbone": "t"}, unit_rows=64)
+    with CacheWriter(path, background=False) as w:
+        w.write_batch(0, {"sample_id": np.arange(n), "split": split, "targets/y": y.astype(np.float32),
+                          "pooled/mean": x.astype(np.float16)})
+        assert w.finalize()
+    reader = open_cache(str(path))
+    cpu = torch.device("cpu")
+    mem = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=cpu)
+    budget = 0.45 * (n * d * 4 + n * 4) / 1e9
+    streamed = load_features(cache=reader, arrays=["pooled/mean"], targets=["y"], device=cpu, memory_budget_gb=budget)
+    assert isinstance(streamed, StreamedFeatureSet) and streamed.blocks.n_blocks >= 3
+    rows = torch.arange(n)
+    torch.testing.assert_close(streamed.batch(["pooled/mean"], rows)["pooled/mean"], mem.arrays["pooled/mean"],
+                               rtol=0, atol=0)
+    scores = {}
+    for name, feats in (("mem", mem), ("streamed", streamed)):
+        scores[name] = np.array([fit(config=TrainConfig(arch="linear-sgd", task="classify", target="y", epochs=8,
+                                                        lr=5e-3, batch_size=32, seed=seed), features=feats)
+                                 .metrics["test"]["auroc"] for seed in (0, 1)])
+    assert scores["streamed"].min() > 0.95, scores
+    noise = max(float(np.ptp(scores["mem"])), 0.02)
+    assert abs(scores["streamed"].mean() - scores["mem"].mean()) <= 3 * noise, scores
