@@ -138,7 +138,7 @@ class TrainConfig:
     memory_budget_gb: float | None = None  # max bytes of cached arrays on the device; None = 80% of free memory
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "max_steps", "eval_every"):
+        for name in ("epochs", "max_steps", "eval_every", "memory_budget_gb"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if self.lr is None:  # the resolved config (saved with every run) names the lr that trained it

@@ -91,6 +91,13 @@ def test_selecting_on_test_is_refused():
         cfg.TrainConfig(arch="linear", select_split="test")
 
 
+def test_a_memory_budget_must_be_positive():
+    # a negative or zero budget is a typo, not "stream everything": named as such, not as a budget too small
+    for bad in (-1.0, 0.0):
+        with pytest.raises(cfg.ConfigError, match=r"memory_budget_gb must be > 0"):
+            cfg.TrainConfig(arch="mlp2", memory_budget_gb=bad)
+
+
 def test_single_input_may_be_a_string():
     c = cfg.build(cfg.DataConfig, {"inputs": "x", "targets": "label"})
     assert c.inputs == ["x"] and c.targets == ["label"]
