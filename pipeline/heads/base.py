@@ -91,7 +91,8 @@ HeadBuilder = Callable[..., Head]  # (*, params, shapes: dict[str, tuple[int, ..
 InputsFn = Callable[[Mapping[str, Any], tuple[str, ...]], tuple[str, ...]]  # (params, available) -> arrays
 
 
-DEFAULT_LR = 1e-3  # a head family's default AdamW lr unless it registers a measured one
+# a head family's default AdamW lr unless it registers another (linear-sgd was measured and keeps it)
+DEFAULT_LR = 1e-3
 
 
 @dataclass(frozen=True)
