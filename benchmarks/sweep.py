@@ -246,7 +246,6 @@ def main() -> None:
         print(f"  {k} separate train-head processes / one sweep: {r_sep:.1f}x (target >= 3x) "
               f"{'OK' if r_sep >= 3 else 'BELOW'}")
         print(f"  old way / one sweep:                          {old_s / sweep_s:.0f}x")
-        print(f"  old way / (one sweep + the one extraction):   {old_s / (sweep_s + extract_s):.0f}x")
         r_e2e = old_s / (sweep_s + extract_s)
         r_full = (old_s + evals_s) / (sweep_s + extract_s)
         print(f"  end to end, old way training only / (extraction + sweep): {r_e2e:.0f}x")

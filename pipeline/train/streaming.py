@@ -103,7 +103,7 @@ class StreamedFeatureSet(FeatureSet):
         held = self.resident_rows
         if self.resident and bool(self.resident_mask[r[0]]):
             pos = np.searchsorted(held, r)
-            if bool((pos < len(held)).all()) and bool((held[np.minimum(pos, len(held) - 1)] == r).all()):
+            if bool((pos < len(held)).all()) and bool((held[pos] == r).all()):
                 return self._resident_batch(names, pos, scratch=scratch)
         br = self.blocks.block_rows
         which = r // br
